@@ -1,0 +1,1 @@
+"""Ray Serve app that serves LLMs via vLLM."""

