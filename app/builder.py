@@ -71,7 +71,7 @@ def gpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     request = LayoutRequest(
         tensor_parallel_size=spec.tensor_parallel_size,
         pipeline_parallel_size=spec.pipeline_parallel_size,
-        total_gpus=spec.num_gpus if (spec.tensor_parallel_size or spec.num_gpus or spec.gpus_per_node) else 1,
+        total_gpus=spec.num_gpus,
         gpus_per_node=spec.gpus_per_node,
         replica_cpus=spec.deployment.num_cpus,
     )

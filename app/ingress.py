@@ -111,7 +111,7 @@ class Ingress:
         headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS}
         self.metrics.requests.labels(route, model_name, str(start.status)).inc()
         if not routed.stream or start.status != 200:
-            body = b"".join([chunk async for chunk in stream])
+            body = await self._rest(stream)
             self.metrics.duration.labels(route, model_name).observe(time.perf_counter() - started)
             return Response(body, status_code=start.status, headers=headers)
         return StreamingResponse(
@@ -141,11 +141,22 @@ class Ingress:
     async def _first(stream: DeploymentResponseGenerator) -> ResponseStart:
         try:
             return await stream.__anext__()
+        except asyncio.CancelledError:  # the client went away: abort the engine request too
+            stream.cancel()
+            raise
         except BackPressureError as e:
             raise overloaded(f"The model is overloaded: {e}. Retry later.") from None
         except Exception as e:  # noqa: BLE001 - a dead or failing replica
             logger.exception("engine call failed before responding")
             raise engine_failed(f"The engine failed to answer: {type(e).__name__}: {e}") from None
+
+    @staticmethod
+    async def _rest(stream: DeploymentResponseGenerator) -> bytes:
+        try:
+            return b"".join([chunk async for chunk in stream])
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
 
     async def _relay(
         self, stream: DeploymentResponseGenerator, route: str, model: str, started: float

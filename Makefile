@@ -1,0 +1,18 @@
+# `make serve`: set up, then serve the embedded default (CPU) on http://127.0.0.1:8000/v1
+# `make test`:  set up, then run the whole test suite (unit + real app with vLLM's CPU engine)
+.PHONY: setup serve test test-unit bench
+
+setup:
+	scripts/setup.sh
+
+serve: setup
+	.venv/bin/serve run serve_configs/cpu.yaml
+
+test: setup
+	.venv/bin/python -m pytest -v -rs
+
+test-unit: setup
+	.venv/bin/python -m pytest -v -m "not integration"
+
+bench: setup
+	.venv/bin/python scripts/bench.py

