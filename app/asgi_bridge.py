@@ -52,7 +52,11 @@ def http_scope(request: ForwardedRequest) -> dict[str, Any]:
 
 
 async def call_asgi(app, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
-    """Yields a ResponseStart, then body bytes (coalesced) until the response is complete."""
+    """Yields a ResponseStart, then body bytes (coalesced) until the response is complete.
+
+    An app that fails mid-response raises here, so the caller can report it in-band. A consumer that
+    stops early disconnects the request and cancels the app (vLLM aborts the engine request).
+    """
     outbox: asyncio.Queue[dict | None] = asyncio.Queue()
     disconnected = asyncio.Event()
     body_taken = False
@@ -75,35 +79,37 @@ async def call_asgi(app, request: ForwardedRequest) -> AsyncIterator[ResponseSta
             outbox.put_nowait(None)
 
     task = asyncio.create_task(run())
+    complete = False
     try:
-        started = False
-        while True:
-            message = await outbox.get()
-            batch = [message]
+        while not complete:
+            batch = [await outbox.get()]
             while not outbox.empty():  # coalesce what is already waiting
                 batch.append(outbox.get_nowait())
-            body, done = [], False
+            body = []
             for message in batch:
                 if message is None:
-                    done = True
-                elif message["type"] == "http.response.start":
-                    started = True
+                    if complete:
+                        break
+                    await task  # the app ended early: raise its exception, if any
+                    raise RuntimeError("the app ended before completing its response")
+                if message["type"] == "http.response.start":
                     yield ResponseStart(
                         message["status"],
                         [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])],
                     )
                 elif message["type"] == "http.response.body":
                     body.append(message.get("body", b""))
-                    done = done or not message.get("more_body", False)
-            if not started and done:
-                await task  # raises the app's exception, if any
-                raise RuntimeError("the engine app ended without a response")
-            if body and any(body):
+                    complete = not message.get("more_body", False)
+            if any(body):
                 yield b"".join(body)
-            if done:
-                return
     finally:
-        disconnected.set()
-        if not task.done():
+        if complete:  # background work after the response (if any) finishes on its own
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        else:
+            disconnected.set()
             task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
+
+
+_background: set[asyncio.Task] = set()

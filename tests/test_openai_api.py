@@ -1,0 +1,168 @@
+"""The OpenAI routes of the real app (Ray Serve + vLLM CPU engines), driven with the `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import struct
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CHAT = "tiny-chat"
+EMBED = "all-MiniLM-L6-v2"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_models_lists_both_with_backend_and_context(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {CHAT, EMBED}
+    chat = models[CHAT].model_dump()
+    assert chat["backend"] == "cpu" and chat["task"] == "generate" and chat["max_model_len"] == 2048
+    assert models[EMBED].model_dump()["task"] == "embed"
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=12, extra_body={"ignore_eos": True})
+    assert r.model == CHAT and r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+
+
+def test_completion_with_batch_prompts(client):
+    r = client.completions.create(model=CHAT, prompt=["one two", "three four", "five"], max_tokens=5)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert all(c.text is not None for c in r.choices)
+
+
+def test_n_choices(client):
+    r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=6, n=3, temperature=1.0, seed=1)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+
+
+def test_greedy_is_deterministic(client):
+    texts = {
+        client.completions.create(model=CHAT, prompt="The weather today", max_tokens=16, temperature=0).choices[0].text
+        for _ in range(3)
+    }
+    assert len(texts) == 1
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample(seed):
+        return client.completions.create(
+            model=CHAT, prompt="Once upon", max_tokens=16, temperature=1.0, seed=seed
+        ).choices[0].text
+
+    assert sample(42) == sample(42)
+    assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
+
+
+def test_stop_string_ends_generation(client):
+    free = client.completions.create(model=CHAT, prompt="a b c", max_tokens=24, temperature=0).choices[0].text
+    stop = free.strip()[:2]
+    assert stop, "the model produced nothing to stop on"
+    r = client.completions.create(model=CHAT, prompt="a b c", max_tokens=24, temperature=0, stop=[stop])
+    assert stop not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client):
+    chat = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    comp = client.completions.create(model=CHAT, prompt="hi", max_tokens=3, logprobs=2)
+    assert len(comp.choices[0].logprobs.tokens) == 3
+
+
+def test_vllm_extra_sampling_parameters(client):
+    r = client.completions.create(
+        model=CHAT, prompt="x", max_tokens=20, extra_body={"ignore_eos": True, "top_k": 5, "min_tokens": 20}
+    )
+    assert r.usage.completion_tokens == 20
+
+
+def test_streaming_chat_with_usage(client):
+    stream = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=10, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 10
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
+
+
+def test_streaming_completion_ends_with_done(base_url):
+    body = {"model": CHAT, "prompt": "hello", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_embeddings_make_sense(client):
+    sentences = ["I like to eat pizza for dinner.", "She enjoys eating pasta at night.", "The stock market fell sharply."]
+    r = client.embeddings.create(model=EMBED, input=sentences)
+    vectors = [d.embedding for d in r.data]
+    assert len(vectors) == 3 and len(vectors[0]) == 384
+    related, unrelated = cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2])
+    assert related > unrelated + 0.3, (related, unrelated)
+
+
+def test_embeddings_base64_matches_float(client):
+    text = "An embedding, twice."
+    floats = client.embeddings.create(model=EMBED, input=text, encoding_format="float").data[0].embedding
+    raw = client.embeddings.with_raw_response.create(model=EMBED, input=text, encoding_format="base64")
+    encoded = json.loads(raw.text)["data"][0]["embedding"]
+    decoded = struct.unpack(f"<{len(floats)}f", base64.b64decode(encoded))
+    assert max(abs(a - b) for a, b in zip(decoded, floats)) < 1e-5
+
+
+def test_tokenize_detokenize_round_trip(base_url):
+    tokens = httpx.post(f"{base_url}/tokenize", json={"model": CHAT, "prompt": "hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 2048
+    text = httpx.post(f"{base_url}/detokenize", json={"model": CHAT, "tokens": tokens["tokens"]}).json()
+    assert text["prompt"] == "hello world"
+
+
+def test_health_and_version(base_url):
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+    version = httpx.get(f"{base_url}/version").json()
+    assert version["vllm"] == "0.32.0" and version["ray"]
+
+
+def test_metrics_include_engine_and_ingress_series(client, base_url):
+    client.completions.create(model=CHAT, prompt="count me", max_tokens=2)
+    text = httpx.get(f"{base_url}/metrics").text
+    assert f'vllm:num_requests_running{{engine="0",model_name="{CHAT}"' in text
+    assert "vllm:prompt_tokens_total" in text or "vllm:prompt_tokens" in text
+    assert f'llm_ingress_requests_total{{model="{CHAT}",route="/v1/completions",status="200"}}' in text
+
+
+def test_32_concurrent_requests_all_succeed(aclient_factory):
+    async def run():
+        client = aclient_factory()
+        chats = [
+            client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=16, stream=i % 2 == 0)
+            for i in range(24)
+        ]
+        embeds = [client.embeddings.create(model=EMBED, input=f"sentence {i}") for i in range(8)]
+        results = await asyncio.gather(*chats, *embeds)
+        streamed = [r for r in results[:24:2]]
+        for s in streamed:
+            assert [c async for c in s]
+        await client.close()
+        return results
+
+    results = asyncio.run(run())
+    assert len(results) == 32

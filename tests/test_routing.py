@@ -1,0 +1,201 @@
+"""Unit tests for request routing, body parsing and API keys (`app.routing`, `app.errors`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+
+from app.config import AppConfig
+from app.errors import APIError, bad_request, unauthorized
+from app.routing import ROUTE_TASKS, parse_json_object, require_api_key, route_request
+
+CHAT = "/v1/chat/completions"
+EMBED = "/v1/embeddings"
+
+
+@pytest.fixture(scope="module")
+def config() -> AppConfig:
+    return AppConfig.model_validate(
+        {
+            "models": [
+                {"name": "chat-a", "source": "org/a"},
+                {"name": "chat-b", "source": "org/b", "task": "generate"},
+                {"name": "embedder", "source": "org/e", "task": "embed"},
+            ]
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def single() -> AppConfig:
+    return AppConfig.model_validate({"models": [{"name": "only", "source": "org/only"}]})
+
+
+def api_error(fn, *args) -> APIError:
+    with pytest.raises(APIError) as error:
+        fn(*args)
+    return error.value
+
+
+def assert_openai_body(error: APIError, status: int, type_: str, param: str | None):
+    body = error.body()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == status and error.status == status
+    assert body["error"]["type"] == type_
+    assert body["error"]["param"] == param
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    response = error.response()
+    assert response.status_code == status
+    assert json.loads(response.body) == json.loads(json.dumps(body))
+    return body["error"]["message"]
+
+
+# --- route_request ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "route, model",
+    [(CHAT, "chat-a"), ("/v1/completions", "chat-b"), (EMBED, "embedder"), ("/tokenize", "embedder"),
+     ("/detokenize", "chat-a")],
+)
+def test_valid_routing(config, route, model):
+    routed = route_request(config, route, {"model": model, "messages": []})
+    assert routed.model is config.model(model)
+    assert routed.stream is False
+
+
+def test_unknown_model_is_404_with_openai_body(config):
+    error = api_error(route_request, config, CHAT, {"model": "gpt-4"})
+    message = assert_openai_body(error, 404, "NotFoundError", "model")
+    assert "gpt-4" in message
+    for name in ("chat-a", "chat-b", "embedder"):
+        assert name in message  # says what exists
+
+
+def test_missing_model_with_one_candidate(config, single):
+    assert route_request(config, EMBED, {"input": "hi"}).model.name == "embedder"
+    assert route_request(single, CHAT, {"messages": []}).model.name == "only"
+    assert route_request(config, EMBED, {"model": None, "input": "hi"}).model.name == "embedder"
+
+
+def test_missing_model_with_several_candidates_is_400(config):
+    error = api_error(route_request, config, CHAT, {"messages": []})
+    message = assert_openai_body(error, 400, "BadRequestError", "model")
+    assert "required" in message and "chat-a" in message and "chat-b" in message
+    assert "embedder" not in message  # only the models able to serve the route
+
+
+def test_missing_model_with_no_candidate_is_400(single):
+    error = api_error(route_request, single, EMBED, {"input": "x"})
+    assert_openai_body(error, 400, "BadRequestError", "model")
+
+
+@pytest.mark.parametrize("model", [1, ["chat-a"], {"name": "chat-a"}, True])
+def test_non_string_model_is_400(config, model):
+    error = api_error(route_request, config, CHAT, {"model": model})
+    message = assert_openai_body(error, 400, "BadRequestError", "model")
+    assert "string" in message
+
+
+def test_embed_model_on_chat_route_is_400(config):
+    error = api_error(route_request, config, CHAT, {"model": "embedder", "messages": []})
+    message = assert_openai_body(error, 400, "BadRequestError", "model")
+    assert "embedder" in message and CHAT in message and "embed" in message
+
+
+def test_generate_model_on_embeddings_route_is_400(config):
+    error = api_error(route_request, config, EMBED, {"model": "chat-a", "input": "x"})
+    assert_openai_body(error, 400, "BadRequestError", "model")
+
+
+@pytest.mark.parametrize("stream, expected", [(True, True), (False, False), (None, False)])
+def test_stream_flag(config, stream, expected):
+    assert route_request(config, CHAT, {"model": "chat-a", "stream": stream}).stream is expected
+
+
+@pytest.mark.parametrize("stream", ["true", 1, 0, [], {"x": 1}])
+def test_stream_must_be_boolean(config, stream):
+    error = api_error(route_request, config, CHAT, {"model": "chat-a", "stream": stream})
+    message = assert_openai_body(error, 400, "BadRequestError", "stream")
+    assert "boolean" in message
+
+
+def test_every_route_has_a_task():
+    assert set(ROUTE_TASKS) == {CHAT, "/v1/completions", EMBED, "/tokenize", "/detokenize"}
+
+
+# --- parse_json_object ---------------------------------------------------------------------------
+
+
+def test_parse_json_object_valid():
+    body = '{"model": "chat-a", "messages": [{"role": "user", "content": "héllo"}]}'.encode()
+    assert parse_json_object(body) == {"model": "chat-a", "messages": [{"role": "user", "content": "héllo"}]}
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b'{"model": }', b"not json", b'{"a": 1} trailing', b'{"model": "\xff"}', b"\xff\xfe{"]
+)
+def test_parse_json_object_malformed_is_400(body):
+    error = api_error(parse_json_object, body)
+    message = assert_openai_body(error, 400, "BadRequestError", None)
+    assert "not valid JSON" in message
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b"null", b"42", b"true"])
+def test_parse_json_object_non_object_is_400(body):
+    error = api_error(parse_json_object, body)
+    message = assert_openai_body(error, 400, "BadRequestError", None)
+    assert "JSON object" in message
+
+
+def test_parse_json_object_deeply_nested_is_400():
+    body = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    error = api_error(parse_json_object, body)
+    assert error.status == 400
+
+
+# --- require_api_key -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("authorization", [None, "", "Bearer whatever", "garbage"])
+def test_no_keys_means_no_auth(authorization):
+    require_api_key(authorization, [])
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer ", "Basic k1", "k1", "Token k1", "Bearer wrong", "Bearer k", "Bearer k1x",
+     "Bearer café"],
+)
+def test_bad_authorization_is_401(authorization):
+    error = api_error(require_api_key, authorization, ["k1", "k2"])
+    message = assert_openai_body(error, 401, "AuthenticationError", None)
+    assert "Bearer" in message
+    assert error.headers == {"WWW-Authenticate": "Bearer"}
+    assert error.response().headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("authorization", ["Bearer k2", "Bearer k1", "bearer k2", "BEARER k1", "Bearer  k2 "])
+def test_right_key_passes(authorization):
+    require_api_key(authorization, ["k1", "k2", "k3"])
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_sse_error_event():
+    event = bad_request("boom").sse_event().decode()
+    first, second = event.split("\n\n")[:2]
+    assert json.loads(first.removeprefix("data: "))["error"]["message"] == "boom"
+    assert second == "data: [DONE]"
+
+
+@pytest.mark.parametrize("make", [lambda: bad_request("x", param="model"), unauthorized])
+def test_api_error_survives_pickle_and_copy(make):
+    error = make()
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert clone.body() == error.body() and clone.headers == error.headers
