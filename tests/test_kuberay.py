@@ -46,6 +46,7 @@ TWO_IMAGE_MANIFESTS = ["gpu-single.yaml", "mixed.yaml"]
 # Flags that fit each Serve config, for rendering every one of them.
 RENDER_FLAGS = {
     "serve_configs/cpu.yaml": ["--cpu-workers", "1"],
+    "serve_configs/cpu-spillover.yaml": ["--cpu-workers", "1"],
     "serve_configs/gpu-single.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1", "--cpu-workers", "1"],
     "serve_configs/gpu-multinode.yaml": ["--gpu-workers", "2", "--gpus-per-worker", "8"],
     "serve_configs/mixed.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1", "--cpu-workers", "1"],

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import AppConfig
 from app.errors import APIError, bad_request, unauthorized
-from app.routing import ROUTE_TASKS, parse_json_object, require_api_key, route_request
+from app.routing import ROUTE_TASKS, parse_json_object, require_api_key, route_request, spill_target, with_model
 
 CHAT = "/v1/chat/completions"
 EMBED = "/v1/embeddings"
@@ -199,3 +199,38 @@ def test_api_error_survives_pickle_and_copy(make):
     error = make()
     for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
         assert clone.body() == error.body() and clone.headers == error.headers
+
+
+# --- spillover ---------------------------------------------------------------------------------------
+
+
+def spill_config():
+    return AppConfig.model_validate({"models": [
+        {"name": "big", "source": "x", "fallback": "small", "fallback_after": 4},
+        {"name": "small", "source": "y"},
+        {"name": "solo", "source": "z"},
+    ]})
+
+
+def test_spill_target_keeps_a_model_that_is_not_busy():
+    config = spill_config()
+    assert spill_target(config.model("big"), config, {"big": 3}).name == "big"
+
+
+def test_spill_target_sends_overflow_to_the_fallback():
+    config = spill_config()
+    assert spill_target(config.model("big"), config, {"big": 4}).name == "small"
+
+
+def test_spill_target_never_spills_without_opt_in():
+    config = spill_config()
+    assert spill_target(config.model("solo"), config, {"solo": 1000}).name == "solo"
+
+
+def test_spill_target_does_not_move_the_queue_onto_a_busier_fallback():
+    config = spill_config()
+    assert spill_target(config.model("big"), config, {"big": 4, "small": 8}).name == "big"
+
+
+def test_with_model_readdresses_the_body():
+    assert json.loads(with_model({"model": "big", "prompt": "x"}, "small")) == {"model": "small", "prompt": "x"}
