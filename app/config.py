@@ -128,6 +128,20 @@ class ModelSpec(Strict):
         return self.source  # a hub id such as "Qwen/Qwen2.5-1.5B-Instruct"
 
 
+class RequestLimits(Strict):
+    """Refusals that protect the server; each one is a 400 naming the limit."""
+
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (choices per prompt).")
+    max_prompts: int = Field(256, ge=1, description="Most prompts (completions) or inputs (embeddings) per request.")
+    max_total_tokens: int = Field(
+        262_144, ge=1, description="Largest max_tokens x n x prompts a request may ask to generate."
+    )
+    request_timeout_s: float = Field(
+        600, gt=0, description="Longest wait for an engine's first byte before the client gets 504."
+    )
+
+
 class AppConfig(Strict):
     """The whole application: models plus ingress settings."""
 
@@ -138,7 +152,7 @@ class AppConfig(Strict):
     wait_for_gpus_s: float = Field(
         0, ge=0, description="How long the build waits for GPU nodes to join (KubeRay starts the app before workers)."
     )
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    limits: RequestLimits = RequestLimits()
 
     @model_validator(mode="after")
     def _names_and_fallbacks(self) -> "AppConfig":

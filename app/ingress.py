@@ -26,12 +26,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from app.asgi_bridge import ForwardedRequest, ResponseStart
 from app.config import AppConfig
 from app.errors import APIError, engine_failed, overloaded
-from app.metrics import IngressMetrics, merged_exposition
-from app.routing import parse_json_object, require_api_key, route_request, spill_target, with_model
+from app.metrics import IngressMetrics, RequestRecord, merged_exposition
+from app.routing import check_limits, parse_json_object, require_api_key, route_request, spill_target, with_model
 
 logger = logging.getLogger("ray.serve")
 
-FORWARDED_HEADERS = ("x-request-id", "accept", "endpoint-load-metrics-format")
+FORWARDED_HEADERS = ("accept", "endpoint-load-metrics-format")
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
 ENGINE_CALL_TIMEOUT_S = 15.0
 
@@ -94,67 +94,81 @@ class Ingress:
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _forward(self, request: Request, route: str) -> Response:
-        started = time.perf_counter()
+        record = RequestRecord(self.metrics, route, request.headers.get("x-request-id") or uuid.uuid4().hex)
         try:
             require_api_key(request.headers.get("authorization"), self.api_keys)
             body = await self._read_body(request)
             payload = parse_json_object(body)
             routed = route_request(self.config, route, payload)
+            check_limits(payload, self.config.limits)
         except APIError as e:
-            self.metrics.requests.labels(route, "unknown", str(e.status)).inc()
-            return e.response()
+            return self._refuse(record, e)
         model = spill_target(routed.model, self.config, self.in_flight)
         if model is not routed.model:
-            body = with_model(payload, model.name)
             self.metrics.spillover.labels(routed.model.name, model.name).inc()
-        forwarded = ForwardedRequest(request.method, route, self._headers(request), body, request.url.query)
-        self.in_flight[model.name] += 1
+            body = with_model(payload, model.name)
+        record.model, record.backend = model.name, self.backends[model.name]
+        headers = [("content-type", "application/json"), ("x-request-id", record.request_id)]
+        headers += [(k, request.headers[k]) for k in FORWARDED_HEADERS if k in request.headers]
+        forwarded = ForwardedRequest(request.method, route, headers, body, request.url.query)
+        self._open(model.name)
         try:
             stream = self.engines[model.name].forward.remote(forwarded)
             start = await self._first(stream)
         except APIError as e:
-            self.in_flight[model.name] -= 1
-            self.metrics.requests.labels(route, model.name, str(e.status)).inc()
-            return e.response()
-        self.metrics.first_byte.labels(route, model.name).observe(time.perf_counter() - started)
-        self.metrics.requests.labels(route, model.name, str(start.status)).inc()
-        headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS} | {"x-served-by": model.name}
+            self._close(model.name)
+            return self._refuse(record, e)
+        record.first_byte()
+        response_headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS}
+        response_headers |= {"x-served-by": model.name, "x-request-id": record.request_id}
         if routed.stream and start.status == 200:
-            self.in_flight[model.name] -= 1  # the relay counts it from here on
-            relay = self._relay(stream, route, model.name, started)
-            return StreamingResponse(relay, status_code=start.status, headers=headers)
+            self._close(model.name)  # the relay counts it while it runs (it may never start)
+            relay = self._relay(stream, record)
+            return StreamingResponse(relay, status_code=start.status, headers=response_headers)
         try:
-            return Response(await self._rest(stream), status_code=start.status, headers=headers)
+            body = await self._rest(stream)
+            record.chunk(body)
+            return Response(body, status_code=start.status, headers=response_headers)
         finally:
-            self.in_flight[model.name] -= 1
-            self.metrics.duration.labels(route, model.name).observe(time.perf_counter() - started)
+            self._close(model.name)
+            record.finish(start.status)
+
+    def _refuse(self, record: RequestRecord, error: APIError) -> Response:
+        record.finish(error.status)
+        response = error.response()
+        response.headers["x-request-id"] = record.request_id
+        return response
+
+    def _open(self, model: str) -> None:
+        self.in_flight[model] += 1
+        self.metrics.in_flight.labels(model).inc()
+
+    def _close(self, model: str) -> None:
+        self.in_flight[model] -= 1
+        self.metrics.in_flight.labels(model).dec()
 
     async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.limits.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.config.max_request_bytes:
-            raise _too_large(self.config.max_request_bytes)
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > self.config.max_request_bytes:
-                raise _too_large(self.config.max_request_bytes)
+            if len(body) > limit:
+                raise _too_large(limit)
         return bytes(body)
 
-    @staticmethod
-    def _headers(request: Request) -> list[tuple[str, str]]:
-        headers = [("content-type", "application/json")]
-        headers += [(k, request.headers[k]) for k in FORWARDED_HEADERS if k in request.headers]
-        if "x-request-id" not in request.headers:
-            headers.append(("x-request-id", uuid.uuid4().hex))
-        return headers
-
-    @staticmethod
-    async def _first(stream: DeploymentResponseGenerator) -> ResponseStart:
+    async def _first(self, stream: DeploymentResponseGenerator) -> ResponseStart:
         try:
-            return await stream.__anext__()
+            return await asyncio.wait_for(stream.__anext__(), self.config.limits.request_timeout_s)
         except asyncio.CancelledError:  # the client went away: abort the engine request too
             stream.cancel()
             raise
+        except asyncio.TimeoutError:
+            stream.cancel()
+            raise APIError(504, "The engine did not answer in time (limits.request_timeout_s).",
+                           "GatewayTimeoutError") from None
         except BackPressureError as e:
             raise overloaded(f"The model is overloaded: {e}. Retry later.") from None
         except Exception as e:  # noqa: BLE001 - a dead or failing replica
@@ -169,20 +183,19 @@ class Ingress:
             stream.cancel()
             raise
 
-    async def _relay(
-        self, stream: DeploymentResponseGenerator, route: str, model: str, started: float
-    ) -> AsyncIterator[bytes]:
-        self.in_flight[model] += 1
+    async def _relay(self, stream: DeploymentResponseGenerator, record: RequestRecord) -> AsyncIterator[bytes]:
+        self._open(record.model)
         try:
             async for chunk in stream:
+                record.chunk(chunk)
                 yield chunk
         except Exception as e:  # noqa: BLE001 - the client already has a 200: report in-band
             logger.exception("engine stream failed")
             yield engine_failed(f"The engine failed mid-stream: {type(e).__name__}: {e}").sse_event()
         finally:
             stream.cancel()  # no-op when finished; aborts engine work when the client went away
-            self.in_flight[model] -= 1
-            self.metrics.duration.labels(route, model).observe(time.perf_counter() - started)
+            self._close(record.model)
+            record.finish(200)
 
     async def _model_card(self, name: str) -> dict[str, Any]:
         if name not in self._model_cards:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -24,6 +30,21 @@ class IngressMetrics:
             ["model", "fallback"],
             registry=self.registry,
         )
+        self.tokens = Counter(
+            "llm_ingress_tokens", "Tokens of answered requests, from their usage.", ["model", "kind"],
+            registry=self.registry,
+        )
+        self.inter_chunk = Histogram(
+            "llm_ingress_inter_token_latency_seconds",
+            "Gap between stream chunks as the client sees them (a chunk holds the tokens of one engine step).",
+            ["route", "model"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "llm_ingress_requests_in_flight", "Requests open at this ingress replica.", ["model"],
+            registry=self.registry,
+        )
         self.first_byte = Histogram(
             "llm_ingress_time_to_first_byte_seconds",
             "Time from request arrival to the first response byte (TTFT for streams).",
@@ -41,6 +62,49 @@ class IngressMetrics:
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+request_logger = logging.getLogger("ray.serve")
+USAGE = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+
+
+@dataclass
+class RequestRecord:
+    """One request's account: metrics as it goes, and one structured log line when it ends."""
+
+    metrics: IngressMetrics
+    route: str
+    request_id: str
+    model: str = "unknown"
+    backend: str = "-"
+    started: float = field(default_factory=time.perf_counter)
+    first_byte_s: float | None = None
+    last_chunk: float | None = None
+    tail: bytes = b""  # the end of the body, where `usage` sits
+
+    def first_byte(self) -> None:
+        self.first_byte_s = time.perf_counter() - self.started
+        self.metrics.first_byte.labels(self.route, self.model).observe(self.first_byte_s)
+
+    def chunk(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.last_chunk is not None:
+            self.metrics.inter_chunk.labels(self.route, self.model).observe(now - self.last_chunk)
+        self.last_chunk = now
+        self.tail = (self.tail + data)[-2048:]
+
+    def finish(self, status: int) -> None:
+        latency = time.perf_counter() - self.started
+        self.metrics.requests.labels(self.route, self.model, str(status)).inc()
+        self.metrics.duration.labels(self.route, self.model).observe(latency)
+        usage = {k.decode(): int(v) for k, v in USAGE.findall(self.tail)}
+        for kind, count in usage.items():
+            self.metrics.tokens.labels(self.model, kind.removesuffix("_tokens")).inc(count)
+        request_logger.info(json.dumps({
+            "event": "request", "request_id": self.request_id, "route": self.route, "model": self.model,
+            "backend": self.backend, "status": status, **usage, "latency_ms": round(latency * 1000, 1),
+            "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 1),
+        }))
 
 
 def engine_families(text: str, replica: str, prefix: str = "vllm:"):

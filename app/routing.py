@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.config import AppConfig, ModelSpec
+from app.config import AppConfig, ModelSpec, RequestLimits
 from app.errors import bad_request, not_found, unauthorized
 
 # Route -> the tasks whose models can answer it.
@@ -64,6 +64,37 @@ def route_request(config: AppConfig, route: str, payload: dict[str, Any]) -> Rou
     if not isinstance(stream, bool) and stream is not None:
         raise bad_request("'stream' must be a boolean.", param="stream")
     return RoutedRequest(model, bool(stream))
+
+
+def check_limits(payload: dict[str, Any], limits: RequestLimits) -> None:
+    """Raises 400 naming the limit when a request asks for more than this server allows."""
+    n = payload.get("n", 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 1  # vLLM rejects bad types itself
+    if n > limits.max_n:
+        raise bad_request(f"'n' is {n}, above this server's limit of {limits.max_n} (limits.max_n).", param="n")
+    prompts = _prompt_count(payload.get("prompt", payload.get("input")))
+    if prompts > limits.max_prompts:
+        raise bad_request(
+            f"The request has {prompts} prompts, above this server's limit of {limits.max_prompts} "
+            "(limits.max_prompts).",
+            param="prompt" if "prompt" in payload else "input",
+        )
+    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+        total = max_tokens * n * max(prompts, 1)
+        if total > limits.max_total_tokens:
+            raise bad_request(
+                f"max_tokens x n x prompts is {total}, above this server's limit of {limits.max_total_tokens} "
+                "tokens per request (limits.max_total_tokens).",
+                param="max_tokens",
+            )
+
+
+def _prompt_count(prompt: Any) -> int:
+    """A string or a token list is one prompt; a list of them is several."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return 1 if prompt is not None else 0
 
 
 def spill_target(model: ModelSpec, config: AppConfig, in_flight: Mapping[str, int]) -> ModelSpec:

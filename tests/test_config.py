@@ -75,7 +75,7 @@ def test_defaults():
     assert config.api_keys == [] and config.api_keys_env is None
     assert config.resolved_api_keys() == []
     assert config.ingress.num_cpus == 0.1 and config.ingress.max_ongoing_requests == 1024
-    assert config.max_request_bytes == 4 * 1024 * 1024
+    assert config.limits.max_request_bytes == 4 * 1024 * 1024
     assert config.model("m") is spec and config.model("other") is None
 
 

@@ -100,13 +100,17 @@ def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
 
                 backend = {"distributed_executor_backend": "ray"} if tp > 1 else {}
                 self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=256, max_num_seqs=4,
-                               enforce_eager=True, **backend)
+                               enforce_eager=True, dtype="float32", **backend)  # fp32: exact comparison
 
-            def greedy(self, prompt: str) -> list[int]:
+            def greedy(self, prompt: str) -> tuple[list[int], list[float]]:
+                """Greedy token ids and each one's logprob (a random tiny model repeats tokens: the logprobs
+                show that both layouts compute the same function, not only the same argmax)."""
                 from vllm import SamplingParams
 
-                out = self.llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))
-                return list(out[0].outputs[0].token_ids)
+                out = self.llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, logprobs=1))
+                completion = out[0].outputs[0]
+                logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+                return list(completion.token_ids), logprobs
 
         # The bundles the app's layout planner gives a TP=2 replica, with `cpu_device` as the accelerator.
         pg = placement_group(replica_bundles(2, "cpu_device", 1.0), strategy="SPREAD")
@@ -117,8 +121,10 @@ def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
         tp2 = Engine.options(scheduling_strategy=in_pg).remote(str(TINY_CHAT), 2)
         tp1 = Engine.remote(str(TINY_CHAT), 1)  # the reference, started at the same time
         prompt = "The capital of France is"
-        tp2_tokens, tp1_tokens = ray.get([tp2.greedy.remote(prompt), tp1.greedy.remote(prompt)], timeout=360)
+        (tp2_tokens, tp2_logprobs), (tp1_tokens, tp1_logprobs) = ray.get(
+            [tp2.greedy.remote(prompt), tp1.greedy.remote(prompt)], timeout=360)
         print(f"TP=2 {tp2_tokens} TP=1 {tp1_tokens} after {time.monotonic() - started:.0f}s")
+        print(f"logprobs TP=2 {[round(x, 4) for x in tp2_logprobs]}\n         TP=1 {[round(x, 4) for x in tp1_logprobs]}")
 
         # Read from the GCS actor table (the state API needs the dashboard, which this cluster does not run).
         actors = ray._private.state.actors().values()
@@ -128,6 +134,7 @@ def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
         assert len(worker_nodes) == 2 and set(worker_nodes) == nodes
         assert len(tp2_tokens) == 16
         assert tp2_tokens == tp1_tokens
+        assert tp2_logprobs == pytest.approx(tp1_logprobs, abs=1e-3)
         for actor in (tp2, tp1):
             ray.kill(actor)
     finally:

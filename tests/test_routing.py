@@ -234,3 +234,36 @@ def test_spill_target_does_not_move_the_queue_onto_a_busier_fallback():
 
 def test_with_model_readdresses_the_body():
     assert json.loads(with_model({"model": "big", "prompt": "x"}, "small")) == {"model": "small", "prompt": "x"}
+
+
+# --- request limits ----------------------------------------------------------------------------------
+
+from app.config import RequestLimits  # noqa: E402
+from app.routing import check_limits  # noqa: E402
+
+LIMITS = RequestLimits(max_n=4, max_prompts=3, max_total_tokens=1000)
+
+
+@pytest.mark.parametrize(
+    ("payload", "names"),
+    [
+        ({"n": 5}, "limits.max_n"),
+        ({"prompt": ["a", "b", "c", "d"]}, "limits.max_prompts"),
+        ({"input": ["a"] * 4}, "limits.max_prompts"),
+        ({"max_tokens": 300, "n": 4}, "limits.max_total_tokens"),
+        ({"max_completion_tokens": 400, "prompt": ["a", "b", "c"]}, "limits.max_total_tokens"),
+    ],
+)
+def test_limits_refuse_with_400_naming_the_limit(payload, names):
+    with pytest.raises(APIError) as e:
+        check_limits(payload, LIMITS)
+    assert e.value.status == 400 and names in e.value.message
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"n": 4}, {"prompt": [1, 2, 3, 4, 5, 6]}, {"prompt": ["a", "b", "c"]}, {"max_tokens": 250, "n": 4},
+     {"n": "bad type, left to vLLM"}, {"max_tokens": None}],
+)
+def test_limits_let_requests_within_them_through(payload):
+    check_limits(payload, LIMITS)
