@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import pickle
+import shutil
 import tempfile
 import time
 from importlib.metadata import entry_points
@@ -124,7 +125,8 @@ def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
         (tp2_tokens, tp2_logprobs), (tp1_tokens, tp1_logprobs) = ray.get(
             [tp2.greedy.remote(prompt), tp1.greedy.remote(prompt)], timeout=360)
         print(f"TP=2 {tp2_tokens} TP=1 {tp1_tokens} after {time.monotonic() - started:.0f}s")
-        print(f"logprobs TP=2 {[round(x, 4) for x in tp2_logprobs]}\n         TP=1 {[round(x, 4) for x in tp1_logprobs]}")
+        print("logprobs TP=2", [round(x, 4) for x in tp2_logprobs])
+        print("logprobs TP=1", [round(x, 4) for x in tp1_logprobs])
 
         # Read from the GCS actor table (the state API needs the dashboard, which this cluster does not run).
         actors = ray._private.state.actors().values()
@@ -140,3 +142,4 @@ def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""Auth, limits, backpressure, request ids and a killed engine replica, on a small real app."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from conftest import ROOT, RunningApp
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-7f3a9c"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    app = RunningApp(ROOT / "tests" / "configs" / "guarded.yaml", tmp_path_factory.mktemp("guarded"),
+                     env={"LLM_TEST_API_KEYS": f"other-key,{KEY}"})
+    try:
+        app.wait_ready()
+        yield app
+    finally:
+        app.stop()
+
+
+def post(app, body, headers=AUTH, timeout=60):
+    return httpx.post(f"{app.url}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_requests_without_a_valid_key_get_401(guarded, headers):
+    r = post(guarded, CHAT, headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["type"] == "AuthenticationError"
+    assert httpx.get(f"{guarded.url}/v1/models", headers=headers).status_code == 401
+
+
+def test_a_valid_key_is_served_and_health_needs_none(guarded):
+    assert post(guarded, CHAT).status_code == 200
+    assert httpx.get(f"{guarded.url}/health").status_code == 200
+
+
+def test_keys_never_appear_in_logs(guarded):
+    post(guarded, CHAT)
+    post(guarded, CHAT, {"Authorization": "Bearer wrong"})
+    assert KEY not in guarded.log_path.read_text(errors="replace")
+
+
+def test_limits_refuse_with_the_limit_named(guarded):
+    r = post(guarded, {**CHAT, "n": 5})
+    assert r.status_code == 400 and "limits.max_n" in r.json()["error"]["message"]
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 70000}]}
+    r = post(guarded, big)
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
+    r = post(guarded, {**CHAT, "max_tokens": 5000})  # beyond the model's context: vLLM's own check
+    assert r.status_code == 400
+
+
+def test_request_id_is_returned_and_logged(guarded):
+    r = post(guarded, CHAT, {**AUTH, "X-Request-Id": "trace-me-42"})
+    assert r.headers["x-request-id"] == "trace-me-42"
+    assert len(post(guarded, CHAT).headers["x-request-id"]) >= 16  # made when the client sends none
+    deadline = time.monotonic() + 10
+    while "trace-me-42" not in guarded.log_path.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert '"request_id": "trace-me-42"' in guarded.log_path.read_text(errors="replace")
+
+
+def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
+    body = {**CHAT, "max_tokens": 300, "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
+            async def one():
+                started = time.perf_counter()
+                r = await client.post("/v1/chat/completions", json=body)
+                return r, time.perf_counter() - started
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+    results = asyncio.run(run())
+    refused = [(r, s) for r, s in results if r.status_code == 503]
+    served = [r for r, _ in results if r.status_code == 200]
+    assert len(refused) + len(served) == 16, [r.text for r, _ in results]
+    assert refused and served
+    assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError"
+               for r, _ in refused)
+    assert max(s for _, s in refused) < 5.0  # refused at once, not after waiting
+
+
+def replica_pids(deployment: str) -> set[int]:
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:llm:{deployment}"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):
+    pids = replica_pids("tiny-chat")
+    assert pids
+
+    async def in_flight():
+        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=60) as client:
+            return await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1800, "ignore_eos": True,
+                                                                    "n": 2})
+
+    async def kill_then_wait():
+        task = asyncio.create_task(in_flight())
+        await asyncio.sleep(2)
+        subprocess.run(["kill", "-9", *map(str, pids)])
+        return await task
+
+    r = asyncio.run(kill_then_wait())
+    assert r.status_code >= 500 and "error" in r.json()  # a clear error, not a hang
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if post(guarded, CHAT, timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(3)
+    assert post(guarded, CHAT).status_code == 200
+    assert replica_pids("tiny-chat") and not (replica_pids("tiny-chat") & pids)  # Serve replaced it
