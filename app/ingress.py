@@ -94,7 +94,7 @@ class Ingress:
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _forward(self, request: Request, route: str) -> Response:
-        record = RequestRecord(self.metrics, route, request.headers.get("x-request-id") or uuid.uuid4().hex)
+        record = RequestRecord(self.metrics, route, _request_id(request))
         try:
             require_api_key(request.headers.get("authorization"), self.api_keys)
             body = await self._read_body(request)
@@ -120,7 +120,7 @@ class Ingress:
             return self._refuse(record, e)
         record.first_byte()
         response_headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS}
-        response_headers |= {"x-served-by": model.name, "x-request-id": record.request_id}
+        response_headers["x-served-by"] = model.name  # Ray Serve's proxy adds x-request-id itself
         if routed.stream and start.status == 200:
             self._close(model.name)  # the relay counts it while it runs (it may never start)
             relay = self._relay(stream, record)
@@ -135,9 +135,7 @@ class Ingress:
 
     def _refuse(self, record: RequestRecord, error: APIError) -> Response:
         record.finish(error.status)
-        response = error.response()
-        response.headers["x-request-id"] = record.request_id
-        return response
+        return error.response()
 
     def _open(self, model: str) -> None:
         self.in_flight[model] += 1
@@ -250,6 +248,13 @@ def ingress_class():
 def _http_error(_: Request, e: StarletteHTTPException) -> Response:
     kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code, "BadRequestError")
     return APIError(e.status_code, str(e.detail), kind).response()
+
+
+def _request_id(request: Request) -> str:
+    """Ray Serve's id for this request: the client's X-Request-Id, or one the proxy made and returns."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 def _too_large(limit: int) -> APIError:
