@@ -490,10 +490,9 @@ def load_run(args) -> dict:
     if args.serve:
         import tempfile
 
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import RunningApp
+        from launch import serve_run  # scripts/launch.py, beside this script
 
-        app = RunningApp(args.serve.resolve(), pathlib.Path(tempfile.mkdtemp(prefix="render-dashboard-")))
+        app = serve_run(args.serve.resolve(), pathlib.Path(tempfile.mkdtemp(prefix="render-dashboard-")))
         print(f"starting {args.serve} on {app.url} (log {app.log_path})", flush=True)
         app.wait_ready()
     try:

@@ -4,76 +4,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
-import socket
-import subprocess
 import sys
-import time
 
-import httpx
 import pytest
-import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningApp:
-    """`serve run <config>` in a subprocess, on a free port; stopped with Ctrl-C like a user would."""
-
-    def __init__(self, config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        text = yaml.safe_load(config.read_text())
-        text.setdefault("http_options", {})["port"] = self.port
-        self.config = workdir / config.name
-        self.config.write_text(yaml.safe_dump(text))
-        self.log_path = workdir / f"{config.stem}-serve.log"
-        serve = pathlib.Path(sys.executable).parent / "serve"
-        self.process = subprocess.Popen(
-            [str(serve), "run", str(self.config)],
-            cwd=ROOT,
-            stdout=self.log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})},
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve run exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=20).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        raise TimeoutError(f"app not healthy after {timeout_s}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+sys.path.insert(0, str(ROOT / "scripts"))
+from launch import Server, serve_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def cpu_app(tmp_path_factory) -> RunningApp:
-    app = RunningApp(ROOT / "serve_configs" / "cpu.yaml", tmp_path_factory.mktemp("cpu-app"))
+def cpu_app(tmp_path_factory) -> Server:
+    app = serve_run(ROOT / "serve_configs" / "cpu.yaml", tmp_path_factory.mktemp("cpu-app"))
     try:
         app.wait_ready()
         yield app

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, RunningApp
+from conftest import ROOT, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    app = RunningApp(ROOT / "tests" / "configs" / "guarded.yaml", tmp_path_factory.mktemp("guarded"),
+    app = serve_run(ROOT / "tests" / "configs" / "guarded.yaml", tmp_path_factory.mktemp("guarded"),
                      env={"LLM_TEST_API_KEYS": f"other-key,{KEY}"})
     try:
         app.wait_ready()

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import ROOT, RunningApp
+from conftest import ROOT, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ REQUEST = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def spill_app(tmp_path_factory):
-    app = RunningApp(ROOT / "serve_configs" / "cpu-spillover.yaml", tmp_path_factory.mktemp("spill-app"))
+    app = serve_run(ROOT / "serve_configs" / "cpu-spillover.yaml", tmp_path_factory.mktemp("spill-app"))
     try:
         app.wait_ready()
         yield app

@@ -1,0 +1,92 @@
+"""Starts a server process (this app via `serve run`, `vllm serve`, ...), waits until it answers, stops it.
+
+Shared by the test fixtures and the benchmark so both drive real servers the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import psutil
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config_on_port(config: pathlib.Path, port: int, workdir: pathlib.Path) -> pathlib.Path:
+    """A copy of a Serve config file that listens on `port` (everything else unchanged)."""
+    text = yaml.safe_load(config.read_text())
+    text.setdefault("http_options", {})["port"] = port
+    copy = workdir / config.name
+    copy.write_text(yaml.safe_dump(text, sort_keys=False))
+    return copy
+
+
+class Server:
+    """A process in its own session; stopped with SIGINT (Ctrl-C) so it cleans up like a user's would."""
+
+    def __init__(self, cmd: list[str], url: str, log_path: pathlib.Path, ready_path: str = "/health",
+                 env: dict[str, str] | None = None):
+        self.url, self.ready_path, self.log_path = url, ready_path, log_path
+        self.process = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})},
+        )
+
+    def wait_ready(self, timeout_s: float = 900) -> float:
+        """Seconds until the ready path answered 200."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.process.args[:3]} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=20).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def rss_mib(self) -> float:
+        """Resident memory of the process and all its descendants (for Ray: the whole local cluster)."""
+        root = psutil.Process(self.process.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total / 2**20
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] | None = None) -> Server:
+    """`serve run <config>` on a free port, with this venv's `serve`."""
+    port = free_port()
+    copy = serve_config_on_port(config, port, workdir)
+    serve = pathlib.Path(os.sys.executable).parent / "serve"
+    return Server([str(serve), "run", str(copy)], f"http://127.0.0.1:{port}", workdir / f"{config.stem}-serve.log",
+                  env=env)
