@@ -70,6 +70,17 @@ class Server:
                 pass
         return total / 2**20
 
+    def descendant_pids(self, title: str) -> set[int]:
+        """Pids of this server's descendants whose command line contains `title` (e.g. a Serve replica)."""
+        pids = set()
+        for proc in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if title in " ".join(proc.cmdline()):
+                    pids.add(proc.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
+
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

@@ -164,7 +164,7 @@ class Parser:
             inner = self.additive()
             self.take(")")
             return ("quantile", quantile, inner)
-        if self.peek("(") :
+        if self.peek("("):
             raise ValueError(f"function {name}() is outside the supported subset in {self.expr!r}")
         return self.selector(name)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
 
 import httpx
 import pytest
@@ -45,12 +45,9 @@ bodies = st.fixed_dictionaries(
 )
 
 
-def engine_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ServeReplica:llm:"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
-def test_fuzzed_requests_never_get_5xx(base_url):
+def test_fuzzed_requests_never_get_5xx(base_url, request):
+    app = None if os.environ.get("APP_URL") else request.getfixturevalue("cpu_app")
+    engine_pids = (lambda: app.descendant_pids("ServeReplica:llm:")) if app else set
     before = engine_pids()
     failures = []
 

@@ -93,13 +93,8 @@ def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
     assert max(s for _, s in refused) < 5.0  # refused at once, not after waiting
 
 
-def replica_pids(deployment: str) -> set[int]:
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:llm:{deployment}"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
 def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):
-    pids = replica_pids("tiny-chat")
+    pids = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
     assert pids
 
     async def in_flight():
@@ -125,4 +120,5 @@ def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(gua
             pass
         time.sleep(3)
     assert post(guarded, CHAT).status_code == 200
-    assert replica_pids("tiny-chat") and not (replica_pids("tiny-chat") & pids)  # Serve replaced it
+    now = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
+    assert now and not (now & pids)  # Serve replaced it

