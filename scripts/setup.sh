@@ -17,7 +17,7 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   pip install -q --upgrade pip
   # The CPU build of torch first: pip takes torch 2.13.0+cpu from this machine's disk.
   pip install -q torch==2.13.0
-  pip install -q -e '.[cpu,test]'
+  pip install -q -e '.[cpu,test,bench]'
   # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > .venv/.setup-done

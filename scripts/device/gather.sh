@@ -28,6 +28,7 @@ extras=(
   mmh3==5.3.1 opentelemetry-exporter-prometheus==0.66b2 py-spy==0.4.3 smart-open==9.0.2
   virtualenv==21.15.8 distlib==0.4.4 platformdirs==4.14.7 python-discovery==1.9.5
   filelock==4.2.12 packaging==26.3 requests==2.34.2 msgpack==1.2.4 click==8.5.1
+  truststore==0.10.5   # httpcore2 (the openai client's sync transport) imports it; vLLM's list lacks it
 )
 bash "$shared/gather_wheels.sh" "${extras[@]}"
 

@@ -6,6 +6,8 @@
 #            check with the openai client; vLLM's benchmark client at 64 and 1 concurrent streams; stop
 #   vllm     `python -m vllm.entrypoints.openai.api_server` with the same model and engine args; same
 #            benchmark; stop
+#   window   experiment: the app with stream chunks coalesced over 10/25/50 ms windows in the engine
+#            replica (scripts/device/stream_window.py, WINDOWS_MS to change), benchmark at each
 # Usage: bash scripts/device/run_checks.sh [install] [app] [vllm]      (default: app vllm)
 # Results and logs land in /tmp/results/<phase>/ and, packed, in $OUT (what the device tool brings back).
 # Each server start takes about 3 minutes (torch.compile + CUDA graphs): one phase per device call.
@@ -105,34 +107,67 @@ PY
   ls -la "$MODEL"
 }
 
-phase_app() {
-  local d=$RES/app rc=0; mkdir -p "$d"
+start_app() {  # dir config: ray start + serve run in the background (sets APP_PID); waits for /health
+  local d=$1 config=$2
   nvidia-smi > "$d/nvidia-smi.txt" 2>&1
   log "ray start"
   python3 -m ray.scripts.scripts start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=16 \
     --num-gpus=1 --include-dashboard=false --disable-usage-stats > "$d/ray_start.log" 2>&1 \
-    || { log "ray start failed"; tail -40 "$d/ray_start.log"; pack app "$d"; return 1; }
-  log "serve run serve_configs/gpu-device.yaml"
-  python3 -m ray.serve.scripts run --address=auto serve_configs/gpu-device.yaml > "$d/serve_run.log" 2>&1 &
-  local spid=$!
-  if wait_healthy "http://127.0.0.1:$PORT/health" 420 "$spid" "$d/serve_run.log"; then
+    || { log "ray start failed"; tail -40 "$d/ray_start.log"; return 1; }
+  log "serve run $config"
+  python3 -m ray.serve.scripts run --address=auto "$config" > "$d/serve_run.log" 2>&1 &
+  APP_PID=$!
+  wait_healthy "http://127.0.0.1:$PORT/health" 420 "$APP_PID" "$d/serve_run.log"
+}
+
+stop_app() {  # dir
+  local d=$1
+  log "stopping the app"
+  http_get "http://127.0.0.1:$PORT/metrics" > "$d/metrics.txt" 2>/dev/null
+  kill -INT "$APP_PID" 2>/dev/null; for _ in $(seq 20); do kill -0 "$APP_PID" 2>/dev/null || break; sleep 1; done
+  kill -9 "$APP_PID" 2>/dev/null
+  cp -r /tmp/ray/session_latest/logs "$d/ray_logs" 2>/dev/null
+  find "$d/ray_logs" -type f -size +20M -delete 2>/dev/null
+  python3 -m ray.scripts.scripts stop --force > "$d/ray_stop.log" 2>&1
+  stop_gpu_leftovers
+}
+
+phase_app() {
+  local d=$RES/app rc=0; mkdir -p "$d"
+  if start_app "$d" serve_configs/gpu-device.yaml; then
     python3 scripts/device/chat_check.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" \
       > "$d/chat_check.json" 2>&1 || { rc=1; log "chat check failed"; }
     cat "$d/chat_check.json"
     bench app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
     bench app 1 32 2 "$d" || rc=1
-    http_get "http://127.0.0.1:$PORT/metrics" > "$d/metrics.txt"
   else
     rc=1
   fi
-  log "stopping the app"
-  kill -INT "$spid" 2>/dev/null; for _ in $(seq 20); do kill -0 "$spid" 2>/dev/null || break; sleep 1; done
-  kill -9 "$spid" 2>/dev/null
-  cp -r /tmp/ray/session_latest/logs "$d/ray_logs" 2>/dev/null
-  find "$d/ray_logs" -type f -size +20M -delete 2>/dev/null
-  python3 -m ray.scripts.scripts stop --force > "$d/ray_stop.log" 2>&1
-  stop_gpu_leftovers
+  stop_app "$d"
   pack app "$d"
+  return $rc
+}
+
+phase_window() {  # the app with stream chunks coalesced over a window (scripts/device/stream_window.py)
+  local d=$RES/window rc=0 w; mkdir -p "$d"
+  if start_app "$d" scripts/device/exp-stream-window.yaml; then
+    python3 scripts/device/chat_check.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" \
+      > "$d/chat_check.json" 2>&1 || { rc=1; log "chat check failed"; }
+    cat "$d/chat_check.json"
+    for w in ${WINDOWS_MS:-10 25 50}; do
+      echo "$w" > /tmp/stream_window_ms
+      bench "window_w$w" 64 "${WINDOW_PROMPTS:-640}" 64 "$d" || rc=1
+    done
+    bench "window_w${w}" 1 32 2 "$d" || rc=1
+    rm -f /tmp/stream_window_ms
+  else
+    rc=1
+  fi
+  stop_app "$d"
+  cp "$d"/window_w*_c*.json "$OUT"/ 2>/dev/null
+  [ -f "$d/chat_check.json" ] && cp "$d/chat_check.json" "$OUT/window_chat_check.json"
+  tar czf "$OUT/window_logs.tgz" -C "$RES" window 2>/dev/null
+  ls -la "$OUT"
   return $rc
 }
 
@@ -167,6 +202,7 @@ for p in "${phases[@]}"; do
     install) phase_install ;;
     app) phase_app ;;
     vllm) phase_vllm ;;
+    window) phase_window ;;
     *) echo "unknown phase $p"; false ;;
   esac || { status=1; log "phase $p failed"; }
 done
