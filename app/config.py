@@ -86,7 +86,7 @@ class ModelSpec(Strict):
     deployment: DeploymentOptions = DeploymentOptions()
     stream_batch_ms: float | None = Field(
         None, ge=0, description="After the first chunk, stream chunks are sent at most this often (ms); each send "
-        "is a Ray round trip. Default: 25 on GPU (3.5x throughput at 64 streams on an H100), 0 on CPU (measured "
+        "is a Ray round trip. Default: 50 on GPU (3.5x throughput at 64 streams on an H100), 0 on CPU (measured "
         "slower with a window on 2 cores)."
     )
     fallback: str | None = Field(

@@ -5,6 +5,7 @@ Shared by the test fixtures and the benchmark so both drive real servers the sam
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -102,3 +103,13 @@ def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] |
     env = {"RAY_worker_niceness": "0", **(env or {})}  # as `make serve` does
     return Server([str(serve), "run", str(copy)], f"http://127.0.0.1:{port}", workdir / f"{config.stem}-serve.log",
                   env=env)
+
+
+@contextlib.contextmanager
+def running(server: Server):
+    """The server, ready; stopped however the block ends."""
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -10,17 +10,24 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from launch import Server, serve_run  # noqa: E402
+from launch import Server, running, serve_run  # noqa: E402
+
+
+def import_script(name: str):
+    """`scripts/<name>.py` as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
 def cpu_app(tmp_path_factory) -> Server:
-    app = serve_run(ROOT / "serve_configs" / "cpu.yaml", tmp_path_factory.mktemp("cpu-app"))
-    try:
-        app.wait_ready()
+    with running(serve_run(ROOT / "serve_configs" / "cpu.yaml", tmp_path_factory.mktemp("cpu-app"))) as app:
         yield app
-    finally:
-        app.stop()
 
 
 @pytest.fixture(scope="session")

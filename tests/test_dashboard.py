@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import IngressMetrics, merged_exposition
 
-from conftest import ROOT
+from conftest import ROOT, import_script
 
 DASHBOARD_PATH = ROOT / "observability" / "grafana-dashboard.json"
 CHAT = "tiny-chat"
@@ -24,16 +23,7 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 
 
-def load_renderer():
-    """`scripts/render_dashboard.py` as a module: its PromQL-subset parser reads the dashboard's queries."""
-    spec = importlib.util.spec_from_file_location("render_dashboard", ROOT / "scripts" / "render_dashboard.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-render = load_renderer()
+render = import_script("render_dashboard")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import copy
 import functools
-import importlib.util
 import json
 import pathlib
 import re
@@ -27,6 +26,7 @@ import yaml
 
 from app.config import AppConfig, ModelSpec
 from app.layout import Topology, plan_layout
+from conftest import import_script
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "kuberay"
@@ -54,15 +54,7 @@ RENDER_FLAGS = {
 }
 
 
-def load_render_script():
-    spec = importlib.util.spec_from_file_location("render_rayservice", REPO / "scripts" / "render_rayservice.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-render = load_render_script()
+render = import_script("render_rayservice")
 
 
 # ---- validating like the Kubernetes API server --------------------------------------------------------------

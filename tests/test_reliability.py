@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, serve_run
+from conftest import ROOT, running, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -21,12 +21,9 @@ CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     app = serve_run(ROOT / "tests" / "configs" / "guarded.yaml", tmp_path_factory.mktemp("guarded"),
-                     env={"LLM_TEST_API_KEYS": f"other-key,{KEY}"})
-    try:
-        app.wait_ready()
+                    env={"LLM_TEST_API_KEYS": f"other-key,{KEY}"})
+    with running(app):
         yield app
-    finally:
-        app.stop()
 
 
 def post(app, body, headers=AUTH, timeout=60):

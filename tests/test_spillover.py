@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import ROOT, serve_run
+from conftest import ROOT, running, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -18,12 +18,8 @@ REQUEST = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def spill_app(tmp_path_factory):
-    app = serve_run(ROOT / "serve_configs" / "cpu-spillover.yaml", tmp_path_factory.mktemp("spill-app"))
-    try:
-        app.wait_ready()
+    with running(serve_run(ROOT / "serve_configs" / "cpu-spillover.yaml", tmp_path_factory.mktemp("spill"))) as app:
         yield app
-    finally:
-        app.stop()
 
 
 def burst(url: str, n: int = BURST) -> list[httpx.Response]:
