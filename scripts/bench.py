@@ -186,8 +186,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
     chat = {n: r for n, r in report["results"].items() if "output_throughput" in r}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ["output_throughput", "p50_ttft_ms", "p50_itl_ms"],
-                              ["output tokens/s (higher is better)", "median TTFT ms", "median ITL ms"]):
+    for ax, key, title in zip(axes, ["output_throughput", "p50_ttft_ms", "p50_tpot_ms"],
+                              ["output tokens/s (higher is better)", "median TTFT ms", "median TPOT ms"]):
         ax.bar(list(chat), [r[key] for r in chat.values()], color=["#2a9d8f", "#8d99ae", "#e76f51"][: len(chat)])
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=8)
