@@ -118,8 +118,13 @@ async def call_asgi(
             task.add_done_callback(_background.discard)
         else:
             disconnected.set()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            # Let the app see the disconnect and abort its own work: vLLM runs each handler in a task of its own
+            # and cancels it on disconnect; cancelling the app at once could orphan that task (and its engine work).
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_GRACE_S)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 _background: set[asyncio.Task] = set()
+DISCONNECT_GRACE_S = 5.0

@@ -159,7 +159,9 @@ class Ingress:
 
     async def _first(self, stream: DeploymentResponseGenerator) -> ResponseStart:
         try:
-            return await asyncio.wait_for(stream.__anext__(), self.config.limits.request_timeout_s)
+            # asyncio.timeout keeps this task's own await, so a client's disconnect cancels the engine call.
+            async with asyncio.timeout(self.config.limits.request_timeout_s):
+                return await stream.__anext__()
         except asyncio.CancelledError:  # the client went away: abort the engine request too
             stream.cancel()
             raise
