@@ -70,7 +70,7 @@ def test_request_id_is_returned_and_logged(guarded):
 
 
 def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
-    body = {**CHAT, "max_tokens": 300, "ignore_eos": True}
+    body = {**CHAT, "max_tokens": 600, "ignore_eos": True}
 
     async def run():
         async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
@@ -93,20 +93,23 @@ def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
 def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):
     pids = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
     assert pids
+    long = {**CHAT, "max_tokens": 2000, "ignore_eos": True}
 
-    async def in_flight():
+    async def kill_mid_generation():
         async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=60) as client:
-            return await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1800, "ignore_eos": True,
-                                                                    "n": 2})
+            plain = asyncio.create_task(client.post("/v1/chat/completions", json=long))
+            async with client.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as streamed:
+                events = streamed.aiter_lines()
+                async for line in events:  # the first token proves both requests are in the engine
+                    if line.startswith("data: "):
+                        break
+                subprocess.run(["kill", "-9", *map(str, pids)])
+                rest = [line async for line in events if line.startswith("data: ")]
+            return await plain, rest
 
-    async def kill_then_wait():
-        task = asyncio.create_task(in_flight())
-        await asyncio.sleep(2)
-        subprocess.run(["kill", "-9", *map(str, pids)])
-        return await task
-
-    r = asyncio.run(kill_then_wait())
-    assert r.status_code >= 500 and "error" in r.json()  # a clear error, not a hang
+    plain, rest = asyncio.run(kill_mid_generation())
+    assert plain.status_code >= 500 and "error" in plain.json()  # a clear error, not a hang
+    assert any('"error"' in line for line in rest[-2:])  # the stream says so in-band, then ends
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
