@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
+import time
 
+import httpx
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,3 +56,20 @@ def aclient_factory(base_url):
 def pytest_collection_modifyitems(items):
     # Integration tests share one app per session; run the fast unit tests first.
     items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
+def running_requests(base_url: str, model: str, headers: dict | None = None) -> float:
+    """The engine's own `vllm:num_requests_running` gauge for `model`, read through the app's /metrics."""
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text
+    match = re.search(rf'^vllm:num_requests_running{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$', text, re.M)
+    return float(match.group(1))
+
+
+def wait_running(base_url: str, model: str, predicate, timeout_s: float = 15.0, headers: dict | None = None) -> float:
+    """Poll the running-requests gauge until `predicate` holds or the time is up; returns the last value."""
+    deadline = time.monotonic() + timeout_s
+    value = running_requests(base_url, model, headers)
+    while not predicate(value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = running_requests(base_url, model, headers)
+    return value

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import threading
-import time
 
 import httpx
 import openai
 import pytest
+
+from conftest import wait_running
 
 pytestmark = pytest.mark.integration
 
@@ -95,21 +95,6 @@ def test_still_healthy_after_garbage(client, base_url):
     assert client.chat.completions.create(model=CHAT, messages=MSG, max_tokens=3).choices[0].message.content
 
 
-def running_requests(base_url: str) -> float:
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    match = re.search(rf'^vllm:num_requests_running{{[^}}]*model_name="{CHAT}"[^}}]*}} (\S+)$', text, re.M)
-    return float(match.group(1))
-
-
-def wait_running(base_url: str, predicate, timeout_s: float = 15.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    value = running_requests(base_url)
-    while not predicate(value) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        value = running_requests(base_url)
-    return value
-
-
 # About 40 s of engine work on 2 cores: only an abort ends it within the seconds the tests wait. Generous
 # margins: under this load the test client itself can be starved of CPU for seconds.
 LONG = {"model": CHAT, "prompt": ["go", "went"], "max_tokens": 2000, "ignore_eos": True, "n": 16}
@@ -120,9 +105,9 @@ def test_dropped_stream_aborts_engine_request(base_url):
     with httpx.stream("POST", f"{base_url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert wait_running(base_url, lambda v: v >= 1) >= 1
+        assert wait_running(base_url, CHAT, lambda v: v >= 1) >= 1
     # Closing the response drops the connection mid-stream.
-    assert wait_running(base_url, lambda v: v == 0, ABORT_WITHIN_S) == 0
+    assert wait_running(base_url, CHAT, lambda v: v == 0, ABORT_WITHIN_S) == 0
 
 
 def test_dropped_non_streaming_request_aborts_engine_request(base_url):
@@ -134,6 +119,6 @@ def test_dropped_non_streaming_request_aborts_engine_request(base_url):
 
     thread = threading.Thread(target=doomed)
     thread.start()
-    assert wait_running(base_url, lambda v: v >= 1) >= 1
+    assert wait_running(base_url, CHAT, lambda v: v >= 1) >= 1
     thread.join()
-    assert wait_running(base_url, lambda v: v == 0, ABORT_WITHIN_S) == 0
+    assert wait_running(base_url, CHAT, lambda v: v == 0, ABORT_WITHIN_S) == 0

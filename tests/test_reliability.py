@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, running, serve_run
+from conftest import ROOT, running, serve_run, wait_running
 
 pytestmark = pytest.mark.integration
 
@@ -93,15 +93,22 @@ def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
 def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):
     pids = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
     assert pids
-    # Minutes of engine work: a client starved of CPU for seconds on a busy 2-core machine still kills mid-way.
-    long = {**CHAT, "max_tokens": 2000, "ignore_eos": True, "n": 4}
+    # About 25 s of engine work on 2 cores, long enough to kill mid-way even when this client is starved of CPU.
+    long = {"model": "tiny-chat", "prompt": ["go"] * 8, "max_tokens": 2000, "ignore_eos": True, "n": 4}
 
     async def kill_mid_generation():
-        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=60) as client:
-            plain = asyncio.create_task(client.post("/v1/chat/completions", json=long))
-            async with client.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as streamed:
+        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
+            plain = asyncio.create_task(client.post("/v1/completions", json=long))
+            # Kill only once the engine runs it: a request still queued in Serve's router would be retried on
+            # the next replica and rightly succeed. (Reading the gauge takes the replica's second slot.)
+            sequences = len(long["prompt"]) * long["n"]
+            running = await asyncio.to_thread(wait_running, guarded.url, "tiny-chat",
+                                              lambda v: v >= sequences, 60, AUTH)
+            assert running >= sequences
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json={**CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}) as streamed:
                 events = streamed.aiter_lines()
-                async for line in events:  # the first token proves both requests are in the engine
+                async for line in events:  # the first token proves the stream is in the engine too
                     if line.startswith("data: "):
                         break
                 subprocess.run(["kill", "-9", *map(str, pids)])
