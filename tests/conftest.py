@@ -65,7 +65,7 @@ def running_requests(base_url: str, model: str, headers: dict | None = None) -> 
     return float(match.group(1))
 
 
-def wait_running(base_url: str, model: str, predicate, timeout_s: float = 15.0, headers: dict | None = None) -> float:
+def wait_running(base_url: str, model: str, predicate, timeout_s: float = 60.0, headers: dict | None = None) -> float:
     """Poll the running-requests gauge until `predicate` holds or the time is up; returns the last value."""
     deadline = time.monotonic() + timeout_s
     value = running_requests(base_url, model, headers)
