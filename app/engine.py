@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,7 +32,8 @@ class EngineServer:
 
     async def __init__(self, spec: dict[str, Any], engine_overrides: dict[str, Any]):
         self.spec = ModelSpec.model_validate(spec)
-        problem = runtime_problem(self.backend, installed_vllm_build(), self._visible_gpus(engine_overrides))
+        problem = runtime_problem(self.backend, installed_vllm_build(), self._visible_gpus(engine_overrides),
+                                  self.spec.accelerator)
         if problem:
             raise RuntimeError(f"model {self.spec.name!r} cannot start on this node: {problem}")
         from app import vllm_api
@@ -43,6 +45,10 @@ class EngineServer:
         self.engine = await self._engine_cm.__aenter__()
         tasks = await self.engine.get_supported_tasks()
         self.vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
+        # vLLM's engine-error handler tells its uvicorn server to exit once the engine died. There is no such
+        # server here (a missing one turns the error into an AttributeError 500): the flag lands on this
+        # stand-in, and Serve's health check (check_health) replaces the replica.
+        self.vllm_app.state.server = types.SimpleNamespace(should_exit=False)
         await vllm_api.init_app_state(self.engine, self.vllm_app.state, args, tasks)
         self.max_model_len = self.engine.model_config.max_model_len
         batch_ms = self.spec.stream_batch_ms

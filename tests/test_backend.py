@@ -143,3 +143,9 @@ def test_runtime_problem_names_what_was_found_and_the_fix(backend, build, gpus, 
 @pytest.mark.parametrize(("backend", "build", "gpus"), [("cpu", "cpu", None), ("gpu", "cuda", 1), ("gpu", "cuda", None)])
 def test_runtime_problem_none_when_the_node_fits(backend, build, gpus):
     assert runtime_problem(backend, build, gpus) is None
+
+
+def test_runtime_problem_skips_gpu_checks_for_another_device_resource():
+    # The CPU-under-Ray test platform runs "gpu" engine deployments on vLLM's CPU build with `cpu_device`.
+    assert runtime_problem("gpu", "cpu", None, accelerator="cpu_device") is None
+    assert "not installed" in runtime_problem("gpu", "none", None, accelerator="cpu_device")

@@ -313,6 +313,24 @@ def test_cpu_engine():
     assert all(isinstance(v, str) for v in actor["runtime_env"]["env_vars"].values())
 
 
+@pytest.mark.parametrize(("accelerator", "actor_gpus", "actor_resources"),
+                         [("GPU", 1, {}), ("cpu_device", None, {"cpu_device": 1})])
+def test_single_device_engine_reserves_its_accelerator(monkeypatch, accelerator, actor_gpus, actor_resources):
+    import app.layout
+    from app.builder import gpu_engine
+    from app.layout import NodeSpec, Topology
+
+    asked = []
+    monkeypatch.setattr(app.layout, "topology_from_ray",
+                        lambda resource: asked.append(resource) or Topology((NodeSpec("n1", 2),)))
+    overrides, options = gpu_engine(ModelSpec(name="m", source="x", backend="gpu", accelerator=accelerator))
+    actor = options["ray_actor_options"]
+    assert asked == [accelerator]
+    assert (overrides["tensor_parallel_size"], overrides["pipeline_parallel_size"]) == (1, 1)
+    assert actor.get("num_gpus") == actor_gpus and actor["resources"] == actor_resources
+    assert "placement_group_bundles" not in options
+
+
 def test_cpu_engine_env_overrides_cpu_defaults():
     spec = ModelSpec(name="m", source="x", env={"VLLM_CPU_KVCACHE_SPACE": "8"})
     _, options = cpu_engine(spec)

@@ -1,4 +1,5 @@
-"""The CPU-under-Ray vLLM platform plugin: activation logic (fast) and one engine spread over two Ray nodes."""
+"""The CPU-under-Ray vLLM platform plugin: activation logic (fast), and the app serving through one engine
+whose workers are spread over two Ray nodes."""
 
 from __future__ import annotations
 
@@ -62,18 +63,15 @@ def test_entry_point_is_declared():
     assert plugin_installed()
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(420)
-def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
-    """TP=2 over two virtual Ray nodes (one `cpu_device` each) gives the same greedy text as TP=1."""
-    if not plugin_installed():
-        pytest.skip(f"entry point {ENTRY_POINT} not installed (pip install -e .)")
+# fp32: exact comparison. Not enforce_eager: pipeline stages need the compile warm-up (see the plugin).
+ENGINE = {"max_model_len": 256, "max_num_seqs": 4, "dtype": "float32"}
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A Ray cluster of two virtual nodes with one `cpu_device` each, connected as this test's driver."""
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from app.layout import replica_bundles
 
     # Raylets (started below) pass these to every worker and to vLLM's engine-core processes.
     monkeypatch.setenv(cpu_ray_platform.ACTIVATE_ENV, "1")
@@ -89,57 +87,86 @@ def test_tensor_parallel_engine_spans_two_ray_nodes(monkeypatch):
     cluster = Cluster(initialize_head=True, head_node_args={**node_args, "temp_dir": temp_dir})
     try:
         cluster.add_node(**node_args, temp_dir=temp_dir, env_vars={"VLLM_HOST_IP": "127.0.0.2"})
-        # Nested drivers (vLLM's engine core) find the cluster by RAY_ADDRESS, not by /tmp/ray's latest cluster.
-        ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
-        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        assert len(nodes) == 2
-
-        @ray.remote(num_cpus=0)
-        class Engine:
-            def __init__(self, model: str, tp: int):
-                from vllm import LLM
-
-                backend = {"distributed_executor_backend": "ray"} if tp > 1 else {}
-                self.llm = LLM(model=model, tensor_parallel_size=tp, max_model_len=256, max_num_seqs=4,
-                               enforce_eager=True, dtype="float32", **backend)  # fp32: exact comparison
-
-            def greedy(self, prompt: str) -> tuple[list[int], list[float]]:
-                """Greedy token ids and each one's logprob (a random tiny model repeats tokens: the logprobs
-                show that both layouts compute the same function, not only the same argmax)."""
-                from vllm import SamplingParams
-
-                out = self.llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, logprobs=1))
-                completion = out[0].outputs[0]
-                logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
-                return list(completion.token_ids), logprobs
-
-        # The bundles the app's layout planner gives a TP=2 replica, with `cpu_device` as the accelerator.
-        pg = placement_group(replica_bundles(2, "cpu_device", 1.0), strategy="SPREAD")
-        ray.get(pg.ready(), timeout=60)
-        in_pg = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0,
-                                                 placement_group_capture_child_tasks=True)
-        started = time.monotonic()
-        tp2 = Engine.options(scheduling_strategy=in_pg).remote(str(TINY_CHAT), 2)
-        tp1 = Engine.remote(str(TINY_CHAT), 1)  # the reference, started at the same time
-        prompt = "The capital of France is"
-        (tp2_tokens, tp2_logprobs), (tp1_tokens, tp1_logprobs) = ray.get(
-            [tp2.greedy.remote(prompt), tp1.greedy.remote(prompt)], timeout=360)
-        print(f"TP=2 {tp2_tokens} TP=1 {tp1_tokens} after {time.monotonic() - started:.0f}s")
-        print("logprobs TP=2", [round(x, 4) for x in tp2_logprobs])
-        print("logprobs TP=1", [round(x, 4) for x in tp1_logprobs])
-
-        # Read from the GCS actor table (the state API needs the dashboard, which this cluster does not run).
-        actors = ray._private.state.actors().values()
-        worker_nodes = sorted(a["Address"]["NodeID"] for a in actors
-                              if a["ActorClassName"] == "CpuRayWorkerWrapper" and a["State"] == "ALIVE")
-        print("vLLM Ray workers on nodes", worker_nodes)
-        assert len(worker_nodes) == 2 and set(worker_nodes) == nodes
-        assert len(tp2_tokens) == 16
-        assert tp2_tokens == tp1_tokens
-        assert tp2_logprobs == pytest.approx(tp1_logprobs, abs=1e-3)
-        for actor in (tp2, tp1):
-            ray.kill(actor)
+        ray.init(address=cluster.address)
+        yield cluster
     finally:
+        from ray import serve
+
+        serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def greedy(client, model: str, prompt: str) -> tuple[list[int], list[float]]:
+    """Greedy token ids and each one's logprob (a random tiny model repeats tokens: the logprobs show that two
+    layouts compute the same function, not only the same argmax)."""
+    choice = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, logprobs=1,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+    return choice.token_ids, choice.logprobs.token_logprobs
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_cluster):
+    """The real app (ingress + engine deployments, built from a config) on two Ray nodes of one device each:
+    a model asking for TP=2 is laid out as TP=1 x PP=2 (tensor parallel stays inside a node), its vLLM
+    workers sit on both nodes, and it answers through the ingress exactly like a copy on one device."""
+    if not plugin_installed():
+        pytest.skip(f"entry point {ENTRY_POINT} not installed (pip install -e .)")
+    import httpx
+    import ray
+    from openai import OpenAI
+    from ray import serve
+
+    from app.builder import build_app, gpu_engine
+    from app.config import ModelSpec
+    from launch import free_port
+
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Nested drivers (vLLM's engine core) find the cluster by RAY_ADDRESS, not by /tmp/ray's latest cluster.
+    on_cluster = {"RAY_ADDRESS": two_node_cluster.address}
+    split = {"name": "tiny-split", "source": str(TINY_CHAT), "backend": "gpu", "accelerator": "cpu_device",
+             "tensor_parallel_size": 2, "engine_args": ENGINE, "env": on_cluster, "deployment": {"num_cpus": 0.5}}
+    overrides, _ = gpu_engine(ModelSpec.model_validate(split))
+    assert (overrides["tensor_parallel_size"], overrides["pipeline_parallel_size"]) == (1, 2)
+    args = {"models": [
+        split,
+        {"name": "tiny-one", "source": str(TINY_CHAT), "backend": "cpu", "engine_args": ENGINE,
+         "env": on_cluster, "deployment": {"num_cpus": 0.5}},
+    ]}
+    started = time.monotonic()
+    serve.run(build_app(args), name="llm", route_prefix="/")
+    print(f"app running after {time.monotonic() - started:.0f}s")
+    base_url = f"http://127.0.0.1:{port}"
+
+    listed = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
+    assert {m["id"]: m["backend"] for m in listed} == {"tiny-split": "gpu", "tiny-one": "cpu"}
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = "The capital of France is"
+    split_tokens, split_logprobs = greedy(client, "tiny-split", prompt)
+    one_tokens, one_logprobs = greedy(client, "tiny-one", prompt)
+    print("split", split_tokens, [round(x, 4) for x in split_logprobs])
+    print("one  ", one_tokens, [round(x, 4) for x in one_logprobs])
+    assert len(split_tokens) == 16
+    assert split_tokens == one_tokens
+    assert split_logprobs == pytest.approx(one_logprobs, abs=1e-3)
+    chunks = list(client.chat.completions.create(model="tiny-split", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=8, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    # The replica's placement group (the planner's bundles) spans both nodes, and so do vLLM's workers.
+    # Read from the GCS tables: the state API needs the dashboard, which this cluster does not run.
+    groups = [g for g in ray.util.placement_group_table().values()
+              if g["state"] == "CREATED" and any("cpu_device" in b for b in g["bundles"].values())]
+    assert len(groups) == 1
+    assert list(groups[0]["bundles"].values()) == [{"CPU": 0.5, "cpu_device": 1.0}, {"cpu_device": 1.0}]
+    assert set(groups[0]["bundles_to_node_id"].values()) == nodes
+    actors = ray._private.state.actors().values()
+    worker_nodes = sorted(a["Address"]["NodeID"] for a in actors
+                          if a["ActorClassName"] == "CpuRayWorkerWrapper" and a["State"] == "ALIVE")
+    print("vLLM Ray workers on nodes", worker_nodes)
+    assert len(worker_nodes) == 2 and set(worker_nodes) == nodes

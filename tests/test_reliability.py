@@ -119,14 +119,29 @@ def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(gua
     assert plain.status_code >= 500 and "error" in plain.json()  # a clear error, not a hang
     assert any('"error"' in line for line in rest[-2:])  # the stream says so in-band, then ends
 
-    deadline = time.monotonic() + 300
+    assert_recovers_with_a_new_replica(guarded, pids)
+
+
+def test_dead_engine_core_fails_requests_cleanly_and_the_replica_is_replaced(guarded):
+    """The engine core (vLLM's own process, e.g. OOM-killed) dies while the replica lives on."""
+    replica = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
+    core = guarded.descendant_pids("VLLM::EngineCore")
+    assert replica and core
+    subprocess.run(["kill", "-9", *map(str, core)])
+    r = post(guarded, CHAT)
+    assert r.status_code >= 500 and r.json()["error"]["message"]  # vLLM's own error, not a hang
+    assert_recovers_with_a_new_replica(guarded, replica)  # the health check fails and Serve replaces it
+
+
+def assert_recovers_with_a_new_replica(app, old_pids: set[int], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if post(guarded, CHAT, timeout=30).status_code == 200:
+            if post(app, CHAT, timeout=30).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         time.sleep(3)
-    assert post(guarded, CHAT).status_code == 200
-    now = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
-    assert now and not (now & pids)  # Serve replaced it
+    assert post(app, CHAT).status_code == 200
+    now = app.descendant_pids("ServeReplica:llm:tiny-chat")
+    assert now and not (now & old_pids)  # Serve replaced it
