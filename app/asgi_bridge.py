@@ -57,13 +57,15 @@ async def call_asgi(
 ) -> AsyncIterator[ResponseStart | bytes]:
     """Yields a ResponseStart, then body bytes (coalesced) until the response is complete.
 
-    After the first body chunk, chunks are gathered for at least `batch_interval_s` between yields:
-    every yield is a Ray round trip, which costs far more CPU than a token on small machines.
+    After the first body chunk, chunks are gathered for up to `batch_interval_s` between yields (every
+    yield is a Ray round trip, which costs far more CPU than a token); the end of the response goes out
+    at once, so the window never adds to a request's latency.
 
     An app that fails mid-response raises here, so the caller can report it in-band. A consumer that
     stops early disconnects the request and cancels the app (vLLM aborts the engine request).
     """
     outbox: asyncio.Queue[dict | None] = asyncio.Queue()
+    ended = asyncio.Event()  # the response is complete, or the app stopped: flush without waiting
     disconnected = asyncio.Event()
     body_taken = False
 
@@ -77,12 +79,15 @@ async def call_asgi(
 
     async def send(message: dict) -> None:
         outbox.put_nowait(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            ended.set()
 
     async def run() -> None:
         try:
             await app(http_scope(request), receive, send)
         finally:
             outbox.put_nowait(None)
+            ended.set()
 
     task = asyncio.create_task(run())
     complete = False
@@ -91,7 +96,7 @@ async def call_asgi(
         while not complete:
             batch = [await outbox.get()]
             if last_yield is not None and batch_interval_s > 0:
-                await asyncio.sleep(batch_interval_s - (time.monotonic() - last_yield))
+                await _wait(ended, last_yield + batch_interval_s - time.monotonic())
             while not outbox.empty():  # coalesce what is already waiting
                 batch.append(outbox.get_nowait())
             body = []
@@ -124,6 +129,17 @@ async def call_asgi(
             if not done:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` passed, whichever comes first."""
+    if timeout_s <= 0 or event.is_set():
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        pass
 
 
 _background: set[asyncio.Task] = set()

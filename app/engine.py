@@ -51,8 +51,7 @@ class EngineServer:
         self.vllm_app.state.server = types.SimpleNamespace(should_exit=False)
         await vllm_api.init_app_state(self.engine, self.vllm_app.state, args, tasks)
         self.max_model_len = self.engine.model_config.max_model_len
-        batch_ms = self.spec.stream_batch_ms
-        self.batch_interval_s = (batch_ms if batch_ms is not None else 50 if self.backend == "gpu" else 0) / 1000
+        self.batch_interval_s = self.spec.stream_batch_ms / 1000
         self._stats_task = asyncio.create_task(self._log_stats_forever())
         logger.info("model %s: ready (tasks %s, max_model_len %d)", self.spec.name, tasks, self.max_model_len)
 

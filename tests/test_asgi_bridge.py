@@ -149,6 +149,28 @@ def test_first_chunk_is_not_held_back_by_slow_later_chunks():
     assert b"".join(chunk for _, chunk in arrivals) == b"firstsecondthird"
 
 
+def timed_body(app, batch_interval_s: float) -> list[tuple[float, bytes]]:
+    async def scenario():
+        began = time.perf_counter()
+        return [(time.perf_counter() - began, item) async for item in call_asgi(app, get(), batch_interval_s)
+                if isinstance(item, bytes)]
+
+    return run(scenario())
+
+
+def test_batch_window_joins_a_steady_stream_into_one_message_per_window():
+    arrivals = timed_body(streaming_app(CHUNKS, gap_s=0.005), batch_interval_s=0.05)
+    assert b"".join(chunk for _, chunk in arrivals) == b"".join(CHUNKS)
+    assert len(arrivals) <= 2 + (arrivals[-1][0] / 0.05) + 1  # the first chunk, then about one per window
+    assert len(arrivals) < len(CHUNKS) / 4
+
+
+def test_batch_window_never_delays_the_end_of_the_response():
+    arrivals = timed_body(streaming_app([b"a", b"b", b"c"], gap_s=0.01), batch_interval_s=2.0)
+    assert b"".join(chunk for _, chunk in arrivals) == b"abc"
+    assert arrivals[-1][0] < 1.0  # the final chunk flushed the window at once
+
+
 # --- failures -------------------------------------------------------------------------------------
 
 
