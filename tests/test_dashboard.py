@@ -229,7 +229,7 @@ def test_dashboard_series_are_exported_with_right_values(base_url, client, dashb
         assert set(s.labels) == {"route", "model", "status"} and s.labels["status"].isdigit(), s
     assert delta("llm_ingress_requests_total", route=ROUTES["embeddings"], model=CHAT) == 0
 
-    # Histograms: one observation per request (TTFB, duration), several gaps per stream.
+    # Histograms: one observation per request (TTFB, duration), gaps between the chunks of a stream.
     for route, model in expected:
         n = expected[(route, model)]
         for hist in ("llm_ingress_time_to_first_byte_seconds", "llm_ingress_request_duration_seconds"):
@@ -237,7 +237,9 @@ def test_dashboard_series_are_exported_with_right_values(base_url, client, dashb
             assert delta(f"{hist}_sum", route=route, model=model) > 0
             assert delta(f"{hist}_bucket", route=route, model=model, le="+Inf") == n
     gaps = delta("llm_ingress_inter_token_latency_seconds_count", route=ROUTES["chat"], model=CHAT)
-    assert gaps >= 2  # the stream's chunks (the non-streamed answer is one chunk: no gap)
+    # The stream's first chunk goes at once, the rest follow (coalesced over the 50 ms window); the
+    # non-streamed answer is one chunk: no gap.
+    assert gaps >= 1
     assert delta("llm_ingress_inter_token_latency_seconds_sum", route=ROUTES["chat"], model=CHAT) > 0
 
     # Tokens: the ingress counts the usage of each answer; vLLM counts what it generated.
