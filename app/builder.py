@@ -120,20 +120,19 @@ def cluster_facts(wait_for_gpus_s: float = 0, accelerator: str = "GPU") -> Clust
     import ray
 
     deadline = time.monotonic() + wait_for_gpus_s
-    gpus = ray.cluster_resources().get(accelerator, 0.0) if ray.is_initialized() else 0.0
-    while gpus < 1 and time.monotonic() < deadline:
+    devices = ray.cluster_resources().get(accelerator, 0.0) if ray.is_initialized() else 0.0
+    while devices < 1 and time.monotonic() < deadline:
         logger.info("waiting for %s nodes to join the cluster (%.0fs left)", accelerator, deadline - time.monotonic())
         time.sleep(5)
-        gpus = ray.cluster_resources().get(accelerator, 0.0)
-    return ClusterFacts(gpus=gpus, vllm_build=installed_vllm_build())
+        devices = ray.cluster_resources().get(accelerator, 0.0)
+    return ClusterFacts(gpus=devices, vllm_build=installed_vllm_build())
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = load_config(args)
-    facts = {}  # per accelerator resource that the models use
-    for accelerator in {m.accelerator for m in config.models}:
-        wants = any(m.backend == "gpu" and m.accelerator == accelerator for m in config.models)
-        facts[accelerator] = cluster_facts(config.wait_for_gpus_s if wants else 0, accelerator)
+    awaited = {m.accelerator for m in config.models if m.backend == "gpu"}  # wait only for devices a model needs
+    facts = {a: cluster_facts(config.wait_for_gpus_s if a in awaited else 0, a)
+             for a in {m.accelerator for m in config.models}}
     engines, backends = {}, {}
     for spec in config.models:
         choice = choose_backend(spec, facts[spec.accelerator])
