@@ -6,8 +6,9 @@ setup:
 	scripts/setup.sh
 
 # Ray starts workers at nice 15 by default; vLLM's engine processes inherit it.
+# HAProxy mode: clients reach the router's own HTTP server, no Ray message carries response bytes.
 serve: setup
-	RAY_worker_niceness=0 .venv/bin/serve run serve_configs/cpu.yaml
+	RAY_worker_niceness=0 RAY_SERVE_ENABLE_HA_PROXY=1 .venv/bin/serve run serve_configs/cpu.yaml
 
 test: setup
 	.venv/bin/python -m pytest -v -rs

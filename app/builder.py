@@ -20,8 +20,11 @@ from app.config import AppConfig, DeploymentOptions, ModelSpec
 from app.cpu import CPUEngineServer, cpu_engine
 from app.engine import EngineServer
 from app.ingress import ingress_class
+from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
 
 logger = logging.getLogger("ray.serve")
+
+PROCESS_GUARD_ENV = {PROCESS_GUARD_ENV_NAME: "1"}  # vLLM's engine processes die with their replica
 
 
 class ConfigError(ValueError):
@@ -100,6 +103,7 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
     if facts.vllm_build == ("cuda" if gpu else "cpu"):  # else the replica's image checks them itself
         check_engine_args(spec.name, overrides)
     server = EngineServer if gpu else CPUEngineServer
+    options["ray_actor_options"]["runtime_env"]["env_vars"].update(PROCESS_GUARD_ENV)
     deployment = serve.deployment(server, name=deployment_name(spec.name), **serve_options(spec.deployment))
     return deployment.options(**options).bind(spec.model_dump(mode="json"), overrides)
 
@@ -133,13 +137,28 @@ def build_app(args: dict[str, Any]) -> Application:
     awaited = {m.accelerator for m in config.models if m.backend == "gpu"}  # wait only for devices a model needs
     facts = {a: cluster_facts(config.wait_for_gpus_s if a in awaited else 0, a)
              for a in {m.accelerator for m in config.models}}
+    if not direct_ingress_enabled():
+        logger.warning("RAY_SERVE_ENABLE_HA_PROXY=1 was not set where Ray started: requests reach the router through "
+                       "Ray Serve's Python proxy (one Ray message per response chunk) instead of HAProxy")
     engines, backends = {}, {}
     for spec in config.models:
         choice = choose_backend(spec, facts[spec.accelerator])
         logger.info("model %s: %s backend (%s)", spec.name, choice.backend, choice.reason)
         engines[spec.name] = engine_deployment(spec, choice, facts[spec.accelerator], config.wait_for_gpus_s)
         backends[spec.name] = choice.backend
-    ingress_options = serve_options(config.ingress) | {
-        "ray_actor_options": {"num_cpus": config.ingress.num_cpus, "resources": dict(config.ingress.resources)}
-    }
-    return serve.deployment(ingress_class(), name="ingress", **ingress_options).bind(config, engines, backends)
+    ingress_options = serve_options(config.ingress) | {"ray_actor_options": {
+        "num_cpus": config.ingress.num_cpus,
+        "resources": dict(config.ingress.resources),
+        # The router's uvicorn and its relays share one event loop: no thread hop per response chunk.
+        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+    }}
+    # The engines are bound too, so that Serve deploys them; the router reaches them over HTTP, by deployment name.
+    router = serve.deployment(ingress_class(), name="ingress", **ingress_options)
+    names = {name: deployment_name(name) for name in engines}
+    return router.bind(config, names, backends, engines)
+
+
+def direct_ingress_enabled() -> bool:
+    import os
+
+    return "1" in (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY"), os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS"))

@@ -88,11 +88,6 @@ class ModelSpec(Strict):
     env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")
     cpu: CPUOptions = CPUOptions()
     deployment: DeploymentOptions = DeploymentOptions()
-    stream_batch_ms: float = Field(
-        50, ge=0, description="After the first chunk, stream chunks are sent at most this often (ms; the end of a "
-        "response goes at once); each send is a Ray round trip. 50 gave 3.5x throughput at 64 streams on an H100 "
-        "and about 1.5x at 16 streams on 2 CPU cores; 0 sends every chunk as it comes."
-    )
     fallback: str | None = Field(
         None, description="Opt-in spillover: a model (same task) that serves requests when this one is busy."
     )

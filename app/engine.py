@@ -1,9 +1,10 @@
-"""The engine replica: one vLLM async engine plus vLLM's own OpenAI server app, in one Ray Serve replica.
+"""The engine replica: one vLLM async engine plus vLLM's own OpenAI server app on the replica's own HTTP server.
 
-The ingress forwards raw HTTP requests here (method, path, headers, body bytes); they run through
-the same FastAPI app that `vllm serve` builds, in-process. Chat templates, sampling parameters,
-logprobs, usage accounting and error bodies therefore behave exactly as in `vllm serve`.
-GPU models run here (engine deployments); CPU models run in its subclass `app.cpu.CPUEngineServer`.
+`vllm serve`'s FastAPI app runs unchanged on a uvicorn server inside the replica, so chat templates,
+sampling parameters, logprobs, usage accounting and error bodies are exactly those of `vllm serve`, and
+response bytes go straight from this process to the router's socket: no Ray message carries them.
+The replica publishes its URL (`app.replicas`); Ray Serve keeps the replica's lifecycle, placement group,
+health checks and scaling. GPU models run here; CPU models in its subclass `app.cpu.CPUEngineServer`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import types
-from collections.abc import AsyncIterator
+import socket
+import time
 from typing import Any
 
-from app.asgi_bridge import ForwardedRequest, ResponseStart, call_asgi
+from app import replicas
 from app.backend import installed_vllm_build, runtime_problem
 from app.config import ModelSpec
 
@@ -23,6 +24,27 @@ logger = logging.getLogger("ray.serve")
 
 # vLLM starts its engine core in a subprocess; fork would copy the Ray worker's threads.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+class InFlight:
+    """ASGI middleware counting open HTTP requests, so that a stopping replica can wait for its own to finish."""
+
+    def __init__(self, app):
+        self.app, self.count = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.count -= 1
+
+
+def vllm_routes(app) -> list[str]:
+    """The POST routes of vLLM's app for this model's tasks (what the router may send here)."""
+    return sorted({r.path for r in app.routes if "POST" in (getattr(r, "methods", None) or ())})
 
 
 class EngineServer:
@@ -44,39 +66,49 @@ class EngineServer:
         self._engine_cm = vllm_api.build_async_engine_client_from_engine_args(vllm_api.engine_args_from(args))
         self.engine = await self._engine_cm.__aenter__()
         tasks = await self.engine.get_supported_tasks()
-        self.vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
-        # vLLM's engine-error handler tells its uvicorn server to exit once the engine died. There is no such
-        # server here (a missing one turns the error into an AttributeError 500): the flag lands on this
-        # stand-in, and Serve's health check (check_health) replaces the replica.
-        self.vllm_app.state.server = types.SimpleNamespace(should_exit=False)
-        await vllm_api.init_app_state(self.engine, self.vllm_app.state, args, tasks)
-        self.max_model_len = self.engine.model_config.max_model_len
-        self.batch_interval_s = self.spec.stream_batch_ms / 1000
-        self._stats_task = asyncio.create_task(self._log_stats_forever())
-        logger.info("model %s: ready (tasks %s, max_model_len %d)", self.spec.name, tasks, self.max_model_len)
+        vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
+        await vllm_api.init_app_state(self.engine, vllm_app.state, args, tasks)
+        self.http = InFlight(vllm_app)
+        self.url, self._server = await self._serve_http(vllm_app)
+        # vLLM's engine-error handler stops this server once the engine died; the health check then fails.
+        vllm_app.state.server = self._server
+        self._publish(vllm_routes(vllm_app))
+        logger.info("model %s: ready at %s (tasks %s, max_model_len %d)", self.spec.name, self.url, tasks,
+                    self.engine.model_config.max_model_len)
 
-    async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
-        """Streams the response of vLLM's app to `request`: a ResponseStart, then body batches."""
-        async for item in call_asgi(self.vllm_app, request, self.batch_interval_s):
-            yield item
+    async def _serve_http(self, app) -> tuple[str, Any]:
+        """vLLM's app on a uvicorn server of this replica, on a port the OS picks; returns (URL, server)."""
+        import ray
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 0))
+        config = uvicorn.Config(self.http, lifespan="on", log_level="warning", access_log=False,
+                                timeout_keep_alive=75, http="httptools", loop="none")
+        server = uvicorn.Server(config)
+        self._server_task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if self._server_task.done():
+                self._server_task.result()  # raises why it stopped
+            await asyncio.sleep(0.05)
+        return f"http://{ray.util.get_node_ip_address()}:{sock.getsockname()[1]}", server
+
+    def _publish(self, routes: list[str]) -> None:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        self._key = (context.app_name, context.deployment, context.replica_id.unique_id)
+        replicas.publish(*self._key, self.url, routes)
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        if self._server_task.done():
+            raise RuntimeError(f"model {self.spec.name!r}: the replica's HTTP server stopped")
         await self.engine.check_health()
 
-    async def describe(self) -> dict[str, Any]:
-        return {"max_model_len": self.max_model_len, "root": self.spec.source, "task": self.spec.task}
-
-    def metrics_text(self) -> str:
-        """This replica's Prometheus exposition (vLLM's `vllm:*` series live in this process)."""
-        from prometheus_client import REGISTRY, generate_latest
-
-        return generate_latest(REGISTRY).decode()
-
-    async def _log_stats_forever(self, interval_s: float = 10.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.engine.do_log_stats()
+    async def address(self) -> str:
+        return self.url
 
     @staticmethod
     def _visible_gpus(engine_overrides: dict[str, Any]) -> int | None:
@@ -86,7 +118,17 @@ class EngineServer:
 
         return len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
-    def __del__(self):
+    async def __del__(self):
+        """Graceful stop: routers stop sending here (the replica left RUNNING), open requests finish, then the
+        server and the engine stop. Serve bounds this by graceful_shutdown_timeout_s."""
+        server = getattr(self, "_server", None)
+        if server is not None:
+            replicas.unpublish(*self._key)
+            deadline = time.monotonic() + self.spec.deployment.graceful_shutdown_timeout_s
+            while self.http.count and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            server.should_exit = True
+            await asyncio.wait([self._server_task], timeout=5)
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -1,262 +1,323 @@
-"""The ingress deployment: OpenAI routes, API keys, model routing, errors; requests go on raw to engines.
+"""The router: one OpenAI base URL for every model. Reads `model`, relays raw bytes over HTTP to an engine replica.
 
-It parses only what routing needs (`model`, `stream`) and forwards the body bytes unchanged to the
-model's engine deployment through a streaming DeploymentHandle; vLLM's own app answers there.
+It is the application's ingress deployment; with Ray Serve's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY=1`)
+HAProxy hands client connections straight to each router replica's own HTTP server. The router parses only
+what routing and limits need (`model`, `stream`, `n`, prompts, `max_tokens`), then pipes the request and the
+response bytes between the client and the chosen engine replica's HTTP server (vLLM's own app) unchanged.
+No Ray message carries request or response bytes. Answered here: `/v1/models`, `/health`, `/version`,
+`/metrics` (every replica of every model, scraped over HTTP).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
+import json
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+import aiohttp
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from app.asgi_bridge import ForwardedRequest, ResponseStart
+from app import replicas
 from app.config import AppConfig
-from app.errors import APIError, engine_failed, overloaded
+from app.errors import APIError, engine_failed, not_found, overloaded
 from app.metrics import IngressMetrics, RequestRecord, merged_exposition
+from app.replicas import NoCapacity, ReplicaPool
 from app.routing import check_limits, parse_json_object, require_api_key, route_request, spill_target, with_model
 
 logger = logging.getLogger("ray.serve")
 
-FORWARDED_HEADERS = ("accept", "endpoint-load-metrics-format")
-HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
+FORWARDED_HEADERS = {b"accept", b"endpoint-load-metrics-format", b"traceparent", b"tracestate"}
+# Set by the router's own server, or by the router itself (x-request-id: the id it gave the engine).
+HOP_HEADERS = {b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server",
+               b"x-request-id"}
 ENGINE_CALL_TIMEOUT_S = 15.0
+CONNECT_ATTEMPTS = 3
 
 
 class Ingress:
-    def __init__(self, config: AppConfig, engines: dict[str, DeploymentHandle], backends: dict[str, str]):
+    """The router deployment (bound by `builder`): an ASGI app built per replica."""
+
+    def __init__(self, config: AppConfig, deployments: dict[str, str], backends: dict[str, str],
+                 engines: dict[str, Any] | None = None):
         self.config = config
-        self.engines = {name: h.options(stream=True) for name, h in engines.items()}
-        self.unary = engines
+        self.deployments = deployments  # model -> its engine deployment's name
         self.backends = backends
         self.api_keys = config.resolved_api_keys()
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         self._model_cards: dict[str, dict[str, Any]] = {}
-        self.in_flight: Counter[str] = Counter()  # requests this ingress replica has open, per model
+        self.in_flight: Counter[str] = Counter()  # requests this router replica has open, per model
+        self.pools = {
+            m.name: ReplicaPool(m.name, m.deployment.max_ongoing_requests, m.deployment.max_queued_requests)
+            for m in config.models
+        }
+        self.routes = {
+            ("GET", "/v1/models"): self.list_models,
+            ("GET", "/health"): self.health,
+            ("GET", "/version"): self.version,
+            ("GET", "/metrics"): self.metrics_route,
+        }
 
-    # OpenAI routes that run on an engine.
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/chat/completions")
+    async def __serve_build_asgi_app__(self):
+        from ray import serve
 
-    async def completions(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/completions")
+        self.app_name = serve.get_replica_context().app_name
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            auto_decompress=False,
+        )
+        self._follow = asyncio.create_task(replicas.follow_replicas(self.pools, self._running_replicas))
+        return ASGIApp(self.asgi)
 
-    async def embeddings(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/embeddings")
+    async def _running_replicas(self) -> dict[str, dict[str, dict]]:
+        """model -> {replica id: {"url", "routes"}} of the engine replicas the Serve controller lists as RUNNING."""
+        from ray.serve.context import _get_global_client
 
-    async def tokenize(self, request: Request) -> Response:
-        return await self._forward(request, "/tokenize")
+        details = await _get_global_client()._controller.get_serve_instance_details.remote()
+        app = details["applications"][self.app_name]["deployments"]
+        running = {}
+        for model, deployment in self.deployments.items():
+            states = {r["replica_id"]: r["state"] for r in app.get(deployment, {}).get("replicas", [])}
+            urls = await asyncio.to_thread(replicas.published, self.app_name, deployment)
+            running[model] = {rid: url for rid, url in urls.items() if states.get(rid) == "RUNNING"}
+        return running
 
-    async def detokenize(self, request: Request) -> Response:
-        return await self._forward(request, "/detokenize")
+    async def asgi(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is not None:
+            try:
+                response = await handler(scope)
+            except APIError as e:
+                response = e.response()
+            return await response(scope, receive, send)
+        if scope["method"] != "POST":
+            error = not_found(f"Not found: {scope['method']} {scope['path']}")
+            return await error.response()(scope, receive, send)
+        await self.forward(scope, receive, send)
 
-    # Routes the ingress answers itself.
-    async def list_models(self, request: Request) -> Response:
-        require_api_key(request.headers.get("authorization"), self.api_keys)
+    # Routes the router answers itself.
+    async def list_models(self, scope) -> Response:
+        require_api_key(_header(scope, b"authorization"), self.api_keys)
         cards = await asyncio.gather(*(self._model_card(m.name) for m in self.config.models))
         return JSONResponse({"object": "list", "data": list(cards)})
 
-    async def health(self, request: Request) -> Response:
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(h.check_health.remote() for h in self.unary.values())), ENGINE_CALL_TIMEOUT_S
-            )
-        except Exception as e:  # noqa: BLE001 - any engine failure means unhealthy
-            return JSONResponse({"status": "unhealthy", "error": repr(e)}, status_code=503)
+    async def health(self, scope) -> Response:
+        problems = {}
+        for name, pool in self.pools.items():
+            urls = list(pool.urls().values())
+            if not urls:
+                problems[name] = "no running replica"
+                continue
+            try:
+                async with self.session.get(f"{urls[0]}/health", timeout=_timeout(ENGINE_CALL_TIMEOUT_S)) as r:
+                    if r.status != 200:
+                        problems[name] = f"engine health {r.status}"
+            except (aiohttp.ClientError, TimeoutError) as e:
+                problems[name] = repr(e)
+        if problems:
+            return JSONResponse({"status": "unhealthy", "models": problems}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def version(self, request: Request) -> Response:
-        return JSONResponse({"version": _dist_version("llm-serve-app"), "vllm": _vllm_version(), "ray": _dist_version("ray")})
+    async def version(self, scope) -> Response:
+        return JSONResponse({"version": _dist_version("llm-serve-app"), "vllm": _vllm_version(),
+                             "ray": _dist_version("ray")})
 
-    async def metrics_route(self, request: Request) -> Response:
-        require_api_key(request.headers.get("authorization"), self.api_keys)
-        names = list(self.unary)
-        texts = await asyncio.gather(
-            *(asyncio.wait_for(self.unary[n].metrics_text.remote(), ENGINE_CALL_TIMEOUT_S) for n in names),
-            return_exceptions=True,
-        )
-        engine_texts = {n: t for n, t in zip(names, texts) if isinstance(t, str)}
+    async def metrics_route(self, scope) -> Response:
+        """This router's series plus every engine replica's `vllm:*` series, scraped from each replica's server."""
+        require_api_key(_header(scope, b"authorization"), self.api_keys)
+        targets = [(rid, url) for pool in self.pools.values() for rid, url in pool.urls().items()]
+        texts = await asyncio.gather(*(self._get_text(f"{url}/metrics") for _, url in targets),
+                                     return_exceptions=True)
+        engine_texts = {rid: t for (rid, _), t in zip(targets, texts) if isinstance(t, str)}
         body = merged_exposition(self.metrics.exposition(), engine_texts)
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def _forward(self, request: Request, route: str) -> Response:
-        record = RequestRecord(self.metrics, route, _request_id(request))
+    async def _get_text(self, url: str) -> str:
+        async with self.session.get(url, timeout=_timeout(ENGINE_CALL_TIMEOUT_S)) as r:
+            return await r.text()
+
+    # Requests that run on an engine.
+    async def forward(self, scope, receive, send) -> None:
+        route = scope["path"]
+        record = RequestRecord(self.metrics, route, _request_id(scope))
         try:
-            require_api_key(request.headers.get("authorization"), self.api_keys)
-            body = await self._read_body(request)
+            require_api_key(_header(scope, b"authorization"), self.api_keys)
+            body = await self._read_body(scope, receive)
             payload = parse_json_object(body)
-            routed = route_request(self.config, route, payload)
+            served = {name: pool.routes for name, pool in self.pools.items() if pool.routes is not None}
+            routed = route_request(self.config, route, payload, served)
             check_limits(payload, self.config.limits)
         except APIError as e:
-            return self._refuse(record, e)
+            return await self._refuse(record, e, scope, receive, send)
         model = spill_target(routed.model, self.config, self.in_flight)
         if model is not routed.model:
             self.metrics.spillover.labels(routed.model.name, model.name).inc()
             body = with_model(payload, model.name)
         record.model, record.backend = model.name, self.backends[model.name]
-        headers = [("content-type", "application/json"), ("x-request-id", record.request_id)]
-        headers += [(k, request.headers[k]) for k in FORWARDED_HEADERS if k in request.headers]
-        forwarded = ForwardedRequest(request.method, route, headers, body, request.url.query)
-        self._open(model.name)
+        self.in_flight[model.name] += 1
+        self.metrics.in_flight.labels(model.name).inc()
+        relay = asyncio.create_task(self._relay(scope, body, model.name, record, send))
+        disconnect = asyncio.create_task(_wait_for_disconnect(receive))
         try:
-            stream = self.engines[model.name].forward.remote(forwarded)
-            start = await self._first(stream)
-        except APIError as e:
-            self._close(model.name)
-            return self._refuse(record, e)
-        record.first_byte()
-        response_headers = {k: v for k, v in start.headers if k.lower() not in HOP_HEADERS}
-        response_headers["x-served-by"] = model.name  # Ray Serve's proxy adds x-request-id itself
-        if routed.stream and start.status == 200:
-            self._close(model.name)  # the relay counts it while it runs (it may never start)
-            relay = self._relay(stream, record)
-            return StreamingResponse(relay, status_code=start.status, headers=response_headers)
-        try:
-            body = await self._rest(stream)
-            record.chunk(body)
-            return Response(body, status_code=start.status, headers=response_headers)
+            await asyncio.wait([relay, disconnect], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._close(model.name)
-            record.finish(start.status)
+            for task in (relay, disconnect):
+                task.cancel()  # a client that went away aborts the engine request: its connection closes
+            await asyncio.gather(relay, disconnect, return_exceptions=True)
+            self.in_flight[model.name] -= 1
+            self.metrics.in_flight.labels(model.name).dec()
+            record.finish(record.status or 499)
 
-    def _refuse(self, record: RequestRecord, error: APIError) -> Response:
-        record.finish(error.status)
-        return error.response()
+    async def _relay(self, scope, body: bytes, model: str, record: RequestRecord, send) -> None:
+        headers = {"content-type": "application/json", "x-request-id": record.request_id}
+        headers |= {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
+        path = scope["path"] + (f"?{scope['query_string'].decode()}" if scope.get("query_string") else "")
+        started = False
+        try:
+            async with self._engine_response(self.pools[model], path, body, headers) as response:
+                record.status = response.status
+                record.first_byte()
+                out = [(k, v) for k, v in response.raw_headers if k.lower() not in HOP_HEADERS]
+                out.append((b"x-served-by", model.encode()))  # Ray Serve's replica server adds x-request-id
+                await send({"type": "http.response.start", "status": response.status, "headers": out})
+                started = True
+                async for chunk in response.content.iter_any():
+                    record.chunk(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+        except APIError as e:
+            await self._refuse(record, e, scope, None, send)
+        except aiohttp.ClientError as e:
+            logger.warning("engine %s failed: %r", model, e)
+            error = engine_failed(f"The engine failed to answer: {type(e).__name__}: {e}")
+            if not started:
+                return await self._refuse(record, error, scope, None, send)
+            record.status = 500
+            await send({"type": "http.response.body", "body": error.sse_event(), "more_body": False})
 
-    def _open(self, model: str) -> None:
-        self.in_flight[model] += 1
-        self.metrics.in_flight.labels(model).inc()
+    @contextlib.asynccontextmanager
+    async def _engine_response(self, pool: ReplicaPool, path: str, body: bytes, headers: dict[str, str]):
+        """The engine's response, from the least loaded replica with a free slot, held until the block ends.
+        A refused connection reached no engine, so it is retried on another replica."""
+        timeout_s = self.config.limits.request_timeout_s
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                async with pool.slot(timeout_s) as replica:
+                    try:
+                        async with asyncio.timeout(timeout_s):
+                            response = await self.session.post(f"{replica.url}{path}", data=body, headers=headers)
+                    except aiohttp.ClientConnectorError:
+                        pool.mark_down(replica)
+                        if attempt == CONNECT_ATTEMPTS - 1:
+                            raise
+                        continue
+                    except TimeoutError:
+                        raise APIError(504, "The engine did not answer in time (limits.request_timeout_s).",
+                                       "GatewayTimeoutError") from None
+                    try:
+                        yield response
+                    finally:
+                        response.close()  # no-op once read; an unfinished one drops its connection (engine aborts)
+                    return
+            except NoCapacity as e:
+                raise overloaded(str(e)) from None
 
-    def _close(self, model: str) -> None:
-        self.in_flight[model] -= 1
-        self.metrics.in_flight.labels(model).dec()
+    async def _refuse(self, record: RequestRecord, error: APIError, scope, receive, send) -> None:
+        record.status = error.status
+        await error.response()(scope, receive, send)
+        if receive is not None:  # refused before the relay started: account for it here
+            record.finish(error.status)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, scope, receive) -> bytes:
         limit = self.config.limits.max_request_bytes
-        declared = request.headers.get("content-length")
+        declared = _header(scope, b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise APIError(499, "The client closed the request.", "ClientClosedRequest")
+            body += message.get("body", b"")
             if len(body) > limit:
                 raise _too_large(limit)
-        return bytes(body)
-
-    async def _first(self, stream: DeploymentResponseGenerator) -> ResponseStart:
-        try:
-            # asyncio.timeout keeps this task's own await, so a client's disconnect cancels the engine call.
-            async with asyncio.timeout(self.config.limits.request_timeout_s):
-                return await stream.__anext__()
-        except asyncio.CancelledError:  # the client went away: abort the engine request too
-            stream.cancel()
-            raise
-        except asyncio.TimeoutError:
-            stream.cancel()
-            raise APIError(504, "The engine did not answer in time (limits.request_timeout_s).",
-                           "GatewayTimeoutError") from None
-        except BackPressureError as e:
-            raise overloaded(f"The model is overloaded: {e}. Retry later.") from None
-        except Exception as e:  # noqa: BLE001 - a dead or failing replica
-            logger.exception("engine call failed before responding")
-            raise engine_failed(f"The engine failed to answer: {type(e).__name__}: {e}") from None
-
-    @staticmethod
-    async def _rest(stream: DeploymentResponseGenerator) -> bytes:
-        try:
-            return b"".join([chunk async for chunk in stream])
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-
-    async def _relay(self, stream: DeploymentResponseGenerator, record: RequestRecord) -> AsyncIterator[bytes]:
-        self._open(record.model)
-        try:
-            async for chunk in stream:
-                record.chunk(chunk)
-                yield chunk
-        except Exception as e:  # noqa: BLE001 - the client already has a 200: report in-band
-            logger.exception("engine stream failed")
-            yield engine_failed(f"The engine failed mid-stream: {type(e).__name__}: {e}").sse_event()
-        finally:
-            stream.cancel()  # no-op when finished; aborts engine work when the client went away
-            self._close(record.model)
-            record.finish(200)
+            if not message.get("more_body"):
+                return bytes(body)
 
     async def _model_card(self, name: str) -> dict[str, Any]:
         if name not in self._model_cards:
             spec = self.config.model(name)
-            card = {
-                "id": name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "vllm",
-                "root": spec.source,
-                "parent": None,
-                "task": spec.task,
-                "backend": self.backends[name],
-            }
+            card = {"id": name, "object": "model", "created": self.created, "owned_by": "vllm", "root": spec.source,
+                    "parent": None, "task": spec.task, "backend": self.backends[name]}
+            urls = list(self.pools[name].urls().values())
+            if not urls:
+                return card  # still starting: listed without engine facts
             try:
-                card |= await asyncio.wait_for(self.unary[name].describe.remote(), ENGINE_CALL_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - still starting: list it without engine facts
+                engine_card = json.loads(await self._get_text(f"{urls[0]}/v1/models"))["data"][0]
+            except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError):
                 return card
-            self._model_cards[name] = card
+            self._model_cards[name] = card | {"max_model_len": engine_card.get("max_model_len")}
         return self._model_cards[name]
 
 
-# One endpoint map: method name -> (HTTP method, path).
-ENDPOINTS: dict[str, tuple[str, str]] = {
-    "chat_completions": ("POST", "/v1/chat/completions"),
-    "completions": ("POST", "/v1/completions"),
-    "embeddings": ("POST", "/v1/embeddings"),
-    "tokenize": ("POST", "/tokenize"),
-    "detokenize": ("POST", "/detokenize"),
-    "list_models": ("GET", "/v1/models"),
-    "health": ("GET", "/health"),
-    "version": ("GET", "/version"),
-    "metrics_route": ("GET", "/metrics"),
-}
+class ASGIApp:
+    """An ASGI 3 callable (servers tell ASGI 2 from 3 by `__call__`, which a bound method does not show)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    async def __call__(self, scope, receive, send):
+        await self.handler(scope, receive, send)
 
 
-def fastapi_app() -> FastAPI:
-    app = FastAPI(title="LLM serving on Ray Serve + vLLM", docs_url="/docs")
-    for method_name, (http_method, path) in ENDPOINTS.items():
-        app.add_api_route(path, getattr(Ingress, method_name), methods=[http_method])
-    app.add_exception_handler(APIError, lambda _, e: e.response())
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, lambda _, e: APIError(400, str(e)).response())
-    return app
+async def _wait_for_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            return await send({"type": "lifespan.shutdown.complete"})
 
 
 def ingress_class():
-    """The Ingress class with its FastAPI routes attached, ready for `serve.deployment`."""
-    return serve.ingress(fastapi_app())(Ingress)
+    """The Ingress class made an ASGI ingress (its app is built per replica), ready for `serve.deployment`."""
+    from ray import serve
+
+    return serve.ingress()(Ingress)
 
 
-def _http_error(_: Request, e: StarletteHTTPException) -> Response:
-    kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code, "BadRequestError")
-    return APIError(e.status_code, str(e.detail), kind).response()
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
-def _request_id(request: Request) -> str:
-    """Ray Serve's id for this request: the client's X-Request-Id, or one the proxy made and returns."""
+def _request_id(scope) -> str:
+    """Ray Serve's id for this request: the client's X-Request-Id, or one Serve made (and returns)."""
     from ray.serve.context import _get_serve_request_context
 
-    return _get_serve_request_context().request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+    return _get_serve_request_context().request_id or _header(scope, b"x-request-id") or uuid.uuid4().hex
+
+
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 def _too_large(limit: int) -> APIError:

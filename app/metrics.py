@@ -77,6 +77,7 @@ class RequestRecord:
     request_id: str
     model: str = "unknown"
     backend: str = "-"
+    status: int | None = None
     started: float = field(default_factory=time.perf_counter)
     first_byte_s: float | None = None
     last_chunk: float | None = None

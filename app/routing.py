@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,14 +12,18 @@ from typing import Any
 from app.config import AppConfig, ModelSpec, RequestLimits
 from app.errors import bad_request, not_found, unauthorized
 
-# Route -> the tasks whose models can answer it.
-ROUTE_TASKS: dict[str, tuple[str, ...]] = {
-    "/v1/chat/completions": ("generate",),
-    "/v1/completions": ("generate",),
-    "/v1/embeddings": ("embed",),
-    "/tokenize": ("generate", "embed"),
-    "/detokenize": ("generate", "embed"),
-}
+class ServedRoutes:
+    """The POST routes one model's vLLM app serves (its path templates, e.g. `/v1/responses/{response_id}/cancel`).
+
+    Engine replicas publish them from the app vLLM built for the model's tasks, so a new vLLM release brings
+    its routes along and a model is offered exactly the routes `vllm serve` would offer for it."""
+
+    def __init__(self, templates: list[str]):
+        self.templates = sorted(templates)
+        self._patterns = [re.compile(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "$") for t in self.templates]
+
+    def __contains__(self, path: str) -> bool:
+        return any(p.match(path) for p in self._patterns)
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,17 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def route_request(config: AppConfig, route: str, payload: dict[str, Any]) -> RoutedRequest:
-    """The model named by `payload` (or the only model able to serve `route` when none is named)."""
-    tasks = ROUTE_TASKS[route]
+def route_request(config: AppConfig, route: str, payload: dict[str, Any],
+                  served: Mapping[str, ServedRoutes]) -> RoutedRequest:
+    """The model named by `payload` (or the only model that serves `route` when none is named).
+
+    `served` holds the routes of each model whose replicas are up; a model not in it is still starting."""
+    able = [m for m in config.models if m.name in served and route in served[m.name]]
     name = payload.get("model")
     if name is None:
-        able = [m for m in config.models if m.task in tasks]
         if len(able) != 1:
+            if not able and served:
+                raise not_found(f"No model serves POST {route}.")
             raise bad_request(f"'model' is required: one of {[m.name for m in able]}", param="model")
         model = able[0]
     elif not isinstance(name, str):
@@ -56,9 +65,12 @@ def route_request(config: AppConfig, route: str, payload: dict[str, Any]) -> Rou
             raise not_found(
                 f"The model `{name}` does not exist. Available: {[m.name for m in config.models]}", param="model"
             )
-    if model.task not in tasks:
+    if model.name in served and route not in served[model.name]:
+        if not able:
+            raise not_found(f"No model serves POST {route}.")
         raise bad_request(
-            f"The model `{model.name}` is a {model.task} model and does not serve {route}.", param="model"
+            f"The model `{model.name}` is a {model.task} model and does not serve {route}; models that do: "
+            f"{[m.name for m in able]}.", param="model"
         )
     stream = payload.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:

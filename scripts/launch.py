@@ -36,7 +36,8 @@ def serve_config_on_port(config: pathlib.Path, port: int, workdir: pathlib.Path)
 
 
 class Server:
-    """A process in its own session; stopped with SIGINT (Ctrl-C) so it cleans up like a user's would."""
+    """A process in its own session; stopped with SIGTERM so it cleans up like a user's would (SIGINT would be
+    ignored where the test run itself was started in the background)."""
 
     def __init__(self, cmd: list[str], url: str, log_path: pathlib.Path, ready_path: str = "/health",
                  env: dict[str, str] | None = None):
@@ -87,7 +88,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -95,12 +96,22 @@ class Server:
                 self.process.wait()
 
 
+# What `make serve` sets: workers at normal priority (Ray's default nice 15 starves vLLM's engine processes) and
+# Ray Serve's HAProxy with direct ingress (no Ray message per response chunk).
+SERVE_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def haproxy_ports() -> dict[str, str]:
+    """Free ports for HAProxy's stats and metrics listeners, so that several local clusters can run at once."""
+    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
 def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] | None = None) -> Server:
     """`serve run <config>` on a free port, with this venv's `serve`."""
     port = free_port()
     copy = serve_config_on_port(config, port, workdir)
     serve = pathlib.Path(os.sys.executable).parent / "serve"
-    env = {"RAY_worker_niceness": "0", **(env or {})}  # as `make serve` does
+    env = {**SERVE_ENV, **haproxy_ports(), **(env or {})}
     return Server([str(serve), "run", str(copy)], f"http://127.0.0.1:{port}", workdir / f"{config.stem}-serve.log",
                   env=env)
 

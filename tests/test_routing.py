@@ -10,7 +10,14 @@ import pytest
 
 from app.config import AppConfig
 from app.errors import APIError, bad_request, unauthorized
-from app.routing import ROUTE_TASKS, parse_json_object, require_api_key, route_request, spill_target, with_model
+from app.routing import (
+    ServedRoutes,
+    parse_json_object,
+    require_api_key,
+    route_request,
+    spill_target,
+    with_model,
+)
 
 CHAT = "/v1/chat/completions"
 EMBED = "/v1/embeddings"
@@ -32,6 +39,17 @@ def config() -> AppConfig:
 @pytest.fixture(scope="module")
 def single() -> AppConfig:
     return AppConfig.model_validate({"models": [{"name": "only", "source": "org/only"}]})
+
+
+# What vLLM 0.32's app registers for each task (engine replicas publish these).
+GENERATE_ROUTES = ServedRoutes(["/tokenize", "/detokenize", CHAT, "/v1/completions", "/v1/responses",
+                                "/v1/responses/{response_id}/cancel"])
+EMBED_ROUTES = ServedRoutes(["/tokenize", "/detokenize", EMBED, "/pooling", "/v1/score", "/rerank"])
+
+
+@pytest.fixture(scope="module")
+def served() -> dict[str, ServedRoutes]:
+    return {"chat-a": GENERATE_ROUTES, "chat-b": GENERATE_ROUTES, "embedder": EMBED_ROUTES, "only": GENERATE_ROUTES}
 
 
 def api_error(fn, *args) -> APIError:
@@ -62,70 +80,88 @@ def assert_openai_body(error: APIError, status: int, type_: str, param: str | No
     [(CHAT, "chat-a"), ("/v1/completions", "chat-b"), (EMBED, "embedder"), ("/tokenize", "embedder"),
      ("/detokenize", "chat-a")],
 )
-def test_valid_routing(config, route, model):
-    routed = route_request(config, route, {"model": model, "messages": []})
+def test_valid_routing(config, served, route, model):
+    routed = route_request(config, route, {"model": model, "messages": []}, served)
     assert routed.model is config.model(model)
     assert routed.stream is False
 
 
-def test_unknown_model_is_404_with_openai_body(config):
-    error = api_error(route_request, config, CHAT, {"model": "gpt-4"})
+def test_unknown_model_is_404_with_openai_body(config, served):
+    error = api_error(route_request, config, CHAT, {"model": "gpt-4"}, served)
     message = assert_openai_body(error, 404, "NotFoundError", "model")
     assert "gpt-4" in message
     for name in ("chat-a", "chat-b", "embedder"):
         assert name in message  # says what exists
 
 
-def test_missing_model_with_one_candidate(config, single):
-    assert route_request(config, EMBED, {"input": "hi"}).model.name == "embedder"
-    assert route_request(single, CHAT, {"messages": []}).model.name == "only"
-    assert route_request(config, EMBED, {"model": None, "input": "hi"}).model.name == "embedder"
+def test_missing_model_with_one_candidate(config, single, served):
+    assert route_request(config, EMBED, {"input": "hi"}, served).model.name == "embedder"
+    assert route_request(single, CHAT, {"messages": []}, served).model.name == "only"
+    assert route_request(config, EMBED, {"model": None, "input": "hi"}, served).model.name == "embedder"
 
 
-def test_missing_model_with_several_candidates_is_400(config):
-    error = api_error(route_request, config, CHAT, {"messages": []})
+def test_missing_model_with_several_candidates_is_400(config, served):
+    error = api_error(route_request, config, CHAT, {"messages": []}, served)
     message = assert_openai_body(error, 400, "BadRequestError", "model")
     assert "required" in message and "chat-a" in message and "chat-b" in message
     assert "embedder" not in message  # only the models able to serve the route
 
 
-def test_missing_model_with_no_candidate_is_400(single):
-    error = api_error(route_request, single, EMBED, {"input": "x"})
-    assert_openai_body(error, 400, "BadRequestError", "model")
+def test_missing_model_with_no_candidate_is_404(single, served):
+    error = api_error(route_request, single, EMBED, {"input": "x"}, served)
+    assert_openai_body(error, 404, "NotFoundError", None)
 
 
 @pytest.mark.parametrize("model", [1, ["chat-a"], {"name": "chat-a"}, True])
-def test_non_string_model_is_400(config, model):
-    error = api_error(route_request, config, CHAT, {"model": model})
+def test_non_string_model_is_400(config, served, model):
+    error = api_error(route_request, config, CHAT, {"model": model}, served)
     message = assert_openai_body(error, 400, "BadRequestError", "model")
     assert "string" in message
 
 
-def test_embed_model_on_chat_route_is_400(config):
-    error = api_error(route_request, config, CHAT, {"model": "embedder", "messages": []})
+def test_embed_model_on_chat_route_is_400(config, served):
+    error = api_error(route_request, config, CHAT, {"model": "embedder", "messages": []}, served)
     message = assert_openai_body(error, 400, "BadRequestError", "model")
     assert "embedder" in message and CHAT in message and "embed" in message
 
 
-def test_generate_model_on_embeddings_route_is_400(config):
-    error = api_error(route_request, config, EMBED, {"model": "chat-a", "input": "x"})
+def test_generate_model_on_embeddings_route_is_400(config, served):
+    error = api_error(route_request, config, EMBED, {"model": "chat-a", "input": "x"}, served)
     assert_openai_body(error, 400, "BadRequestError", "model")
 
 
 @pytest.mark.parametrize("stream, expected", [(True, True), (False, False), (None, False)])
-def test_stream_flag(config, stream, expected):
-    assert route_request(config, CHAT, {"model": "chat-a", "stream": stream}).stream is expected
+def test_stream_flag(config, served, stream, expected):
+    assert route_request(config, CHAT, {"model": "chat-a", "stream": stream}, served).stream is expected
 
 
 @pytest.mark.parametrize("stream", ["true", 1, 0, [], {"x": 1}])
-def test_stream_must_be_boolean(config, stream):
-    error = api_error(route_request, config, CHAT, {"model": "chat-a", "stream": stream})
+def test_stream_must_be_boolean(config, served, stream):
+    error = api_error(route_request, config, CHAT, {"model": "chat-a", "stream": stream}, served)
     message = assert_openai_body(error, 400, "BadRequestError", "stream")
     assert "boolean" in message
 
 
-def test_every_route_has_a_task():
-    assert set(ROUTE_TASKS) == {CHAT, "/v1/completions", EMBED, "/tokenize", "/detokenize"}
+def test_routes_come_from_the_engines_with_path_parameters():
+    assert "/v1/responses/resp_123/cancel" in GENERATE_ROUTES
+    assert "/v1/responses/a/b/cancel" not in GENERATE_ROUTES
+    assert "/v1/responsesX" not in GENERATE_ROUTES and EMBED not in GENERATE_ROUTES
+
+
+def test_a_route_no_model_serves_is_404(config, served):
+    error = api_error(route_request, config, "/v1/audio/transcriptions", {"model": "chat-a"}, served)
+    assert_openai_body(error, 404, "NotFoundError", None)
+
+
+def test_a_route_only_some_models_serve_names_them(config, served):
+    error = api_error(route_request, config, "/v1/score", {"model": "chat-b"}, served)
+    message = assert_openai_body(error, 400, "BadRequestError", "model")
+    assert "embedder" in message and "chat-a" not in message
+
+
+def test_a_model_still_starting_is_routed_by_name(config, served):
+    starting = {k: v for k, v in served.items() if k != "chat-a"}
+    assert route_request(config, "/v1/responses", {"model": "chat-a"}, starting).model.name == "chat-a"
 
 
 # --- parse_json_object ---------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Where each engine replica's own HTTP server listens, and which replica takes the next request.
+
+Engine replicas publish their URL in Ray's KV store under their Serve replica id. A router replica keeps one
+`ReplicaPool` per model: it follows the Serve controller's list of RUNNING replicas (a replica being stopped
+or replaced gets no new requests but finishes its own), picks the least loaded one, bounds each replica at
+`max_ongoing_requests` and the wait at `max_queued_requests` (then 503). Pure logic apart from the two
+lookups, which are injected so that tests can drive the pool without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from app.routing import ServedRoutes
+
+logger = logging.getLogger("ray.serve")
+
+KV_NAMESPACE = "llm_app_replicas"
+RETRY_DOWN_AFTER_S = 5.0
+
+
+def replica_key(app: str, deployment: str, replica_id: str) -> str:
+    return f"{app}/{deployment}/{replica_id}"
+
+
+def publish(app: str, deployment: str, replica_id: str, url: str, routes: list[str]) -> None:
+    """Announces a replica's HTTP server and the POST routes its vLLM app serves."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    info = json.dumps({"url": url, "routes": routes})
+    _internal_kv_put(replica_key(app, deployment, replica_id), info, namespace=KV_NAMESPACE)
+
+
+def unpublish(app: str, deployment: str, replica_id: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(replica_key(app, deployment, replica_id), namespace=KV_NAMESPACE)
+
+
+def published(app: str, deployment: str) -> dict[str, dict]:
+    """replica id -> {"url", "routes"} of every replica of `deployment` that published itself."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    prefix = replica_key(app, deployment, "")
+    urls = {}
+    for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE):
+        value = _internal_kv_get(key, namespace=KV_NAMESPACE)
+        if value:
+            urls[key.decode()[len(prefix):]] = json.loads(value)
+    return urls
+
+
+class NoCapacity(Exception):
+    """Every replica is at max_ongoing_requests and the wait queue is full (or there is no replica)."""
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    url: str
+    ongoing: int = 0
+    down_since: float | None = None  # set when a connection to it failed
+
+    def available(self, now: float) -> bool:
+        return self.down_since is None or now - self.down_since > RETRY_DOWN_AFTER_S
+
+
+@dataclass
+class ReplicaPool:
+    """The replicas of one model as seen by one router replica."""
+
+    model: str
+    max_ongoing: int
+    max_queued: int  # -1: unbounded
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    waiting: int = 0
+    routes: ServedRoutes | None = None  # known once a replica published them
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def update(self, running: dict[str, dict]) -> None:
+        """Set the routable replicas (replica id -> {"url", "routes"}); those gone finish what they have."""
+        for replica_id in list(self.replicas):
+            if replica_id not in running:
+                del self.replicas[replica_id]
+        for replica_id, info in running.items():
+            known = self.replicas.get(replica_id)
+            if known is None or known.url != info["url"]:
+                self.replicas[replica_id] = Replica(replica_id, info["url"])
+            if self.routes is None or self.routes.templates != sorted(info["routes"]):
+                self.routes = ServedRoutes(info["routes"])
+        self._notify()
+
+    def urls(self) -> dict[str, str]:
+        return {r.replica_id: r.url for r in self.replicas.values()}
+
+    def pick(self) -> Replica | None:
+        """The least loaded available replica with a free slot."""
+        now = time.monotonic()
+        free = [r for r in self.replicas.values() if r.available(now) and r.ongoing < self.max_ongoing]
+        return min(free, key=lambda r: r.ongoing) if free else None
+
+    @contextlib.asynccontextmanager
+    async def slot(self, timeout_s: float):
+        """A replica with a free slot, held for the block; waits in a bounded queue, else NoCapacity."""
+        replica = self.pick()
+        if replica is None:
+            if not self.replicas or (0 <= self.max_queued <= self.waiting):
+                raise NoCapacity(self._why())
+            replica = await self._wait(timeout_s)
+        replica.ongoing += 1
+        try:
+            yield replica
+        finally:
+            replica.ongoing -= 1
+            if self.waiting:
+                self._notify()
+
+    def mark_down(self, replica: Replica) -> None:
+        replica.down_since = time.monotonic()
+        logger.warning("model %s: replica %s at %s refused a connection", self.model, replica.replica_id, replica.url)
+
+    async def _wait(self, timeout_s: float) -> Replica:
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                while (replica := self.pick()) is None:
+                    await self._changed.wait()
+                return replica
+        except TimeoutError:
+            raise NoCapacity(self._why()) from None
+        finally:
+            self.waiting -= 1
+
+    def _notify(self) -> None:
+        async def wake():
+            async with self._changed:
+                self._changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop (unit tests of update())
+            asyncio.get_running_loop().create_task(wake())
+
+    def _why(self) -> str:
+        if not self.replicas:
+            return f"The model `{self.model}` has no running replica yet."
+        return (f"The model `{self.model}` is overloaded: {len(self.replicas)} replica(s) at max_ongoing_requests "
+                f"({self.max_ongoing}) and {self.waiting} request(s) waiting (max_queued_requests).")
+
+
+async def follow_replicas(pools: dict[str, ReplicaPool], lookup: Callable[[], Awaitable[dict[str, dict[str, dict]]]],
+                          interval_s: float = 0.5) -> None:
+    """Keeps every pool's replicas current: `lookup` returns model -> {replica id: info} of RUNNING replicas."""
+    while True:
+        try:
+            for model, running in (await lookup()).items():
+                pools[model].update(running)
+        except Exception:  # noqa: BLE001 - a controller restart must not stop routing
+            logger.exception("could not refresh the engine replicas")
+        await asyncio.sleep(interval_s)

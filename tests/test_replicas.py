@@ -1,0 +1,110 @@
+"""Unit tests for the router's view of engine replicas (`app.replicas.ReplicaPool`): least loaded pick, slots,
+bounded waiting, replicas that leave or refuse connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app import replicas
+from app.replicas import NoCapacity, ReplicaPool
+
+ROUTES = ["/v1/chat/completions"]
+
+
+def running(*ids: str) -> dict[str, dict]:
+    return {rid: {"url": f"http://10.0.0.1:{9000 + i}", "routes": ROUTES} for i, rid in enumerate(ids)}
+
+
+def pool(max_ongoing=2, max_queued=1, ids=("a", "b")) -> ReplicaPool:
+    p = ReplicaPool("m", max_ongoing, max_queued)
+    p.update(running(*ids))
+    return p
+
+
+def test_picks_the_least_loaded_replica():
+    async def main():
+        p = pool()
+        async with p.slot(1) as first, p.slot(1) as second:
+            assert {first.replica_id, second.replica_id} == {"a", "b"}  # spread, not stacked
+            async with p.slot(1) as third:
+                assert third.ongoing == 2
+        assert all(r.ongoing == 0 for r in p.replicas.values())
+
+    asyncio.run(main())
+
+
+def test_full_replicas_queue_then_refuse_at_once():
+    async def main():
+        p = pool(max_ongoing=1, max_queued=1, ids=("a",))
+        queued = p.slot(5)
+        async with p.slot(1):
+            waiter = asyncio.create_task(queued.__aenter__())
+            await asyncio.sleep(0.01)
+            assert p.waiting == 1
+            with pytest.raises(NoCapacity, match="overloaded"):
+                await p.slot(5).__aenter__()  # the queue is full: refused without waiting
+        replica = await asyncio.wait_for(waiter, 1)  # the slot freed: the waiter got it
+        assert replica.replica_id == "a" and replica.ongoing == 1
+
+    asyncio.run(main())
+
+
+def test_waiting_times_out():
+    async def main():
+        p = pool(max_ongoing=1, max_queued=5, ids=("a",))
+        async with p.slot(1):
+            with pytest.raises(NoCapacity):
+                async with p.slot(0.05):
+                    pass
+
+    asyncio.run(main())
+
+
+def test_no_replica_is_refused_with_a_reason():
+    async def main():
+        with pytest.raises(NoCapacity, match="no running replica"):
+            async with ReplicaPool("m", 1, 1).slot(1):
+                pass
+
+    asyncio.run(main())
+
+
+def test_a_replica_that_refused_a_connection_is_skipped_for_a_while(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(replicas.time, "monotonic", lambda: now[0])
+    p = pool(ids=("a", "b"))
+    p.mark_down(p.replicas["a"])
+    assert {p.pick().replica_id for _ in range(3)} == {"b"}
+    now[0] += replicas.RETRY_DOWN_AFTER_S + 1
+    p.replicas["b"].ongoing = 1
+    assert p.pick().replica_id == "a"  # tried again later
+
+
+def test_update_follows_the_running_set_and_keeps_counts():
+    p = pool(ids=("a", "b"))
+    p.replicas["a"].ongoing = 1
+    p.update(running("a", "c"))
+    assert set(p.replicas) == {"a", "c"} and p.replicas["a"].ongoing == 1
+    assert "/v1/chat/completions" in p.routes
+
+
+def test_follow_replicas_survives_lookup_errors():
+    async def main():
+        pools = {"m": ReplicaPool("m", 1, 1)}
+        calls = []
+
+        async def lookup():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("controller restarting")
+            return {"m": running("a")}
+
+        task = asyncio.create_task(replicas.follow_replicas(pools, lookup, interval_s=0.01))
+        while len(calls) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        assert set(pools["m"].replicas) == {"a"}
+
+    asyncio.run(main())
