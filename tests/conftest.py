@@ -27,6 +27,28 @@ def import_script(name: str):
     return module
 
 
+def engine_processes() -> set[int]:
+    """Pids of vLLM's engine processes (VLLM::EngineCore, VLLM::Worker) on this machine."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if (proc.info["name"] or "").startswith("VLLM::") or "VLLM::" in " ".join(proc.info["cmdline"] or []):
+            found.add(proc.pid)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_engine_left_behind():
+    """The whole suite leaves no vLLM engine process behind (checked after every app of the session stopped)."""
+    before = engine_processes()
+    yield
+    deadline = time.monotonic() + 60
+    while (left := engine_processes() - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"vLLM engine processes outlived the test session: {sorted(left)}"
+
+
 @pytest.fixture(scope="session")
 def cpu_app(tmp_path_factory) -> Server:
     with running(serve_run(ROOT / "serve_configs" / "cpu.yaml", tmp_path_factory.mktemp("cpu-app"))) as app:
@@ -51,6 +73,16 @@ def aclient_factory(base_url):
     from openai import AsyncOpenAI
 
     return lambda: AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def local_ray_cluster(**head_args):
+    """`ray.cluster_utils.Cluster` on any machine: it writes its address file into Ray's default temp dir
+    (/tmp/ray) even when given another one, and a fresh machine has no such directory until some Ray start."""
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray.cluster_utils import Cluster
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
+    return Cluster(initialize_head=True, head_node_args=head_args)
 
 
 def pytest_collection_modifyitems(items):

@@ -71,7 +71,8 @@ ENGINE = {"max_model_len": 256, "max_num_seqs": 4, "dtype": "float32"}
 def two_node_cluster(monkeypatch):
     """A Ray cluster of two virtual nodes with one `cpu_device` each, connected as this test's driver."""
     import ray
-    from ray.cluster_utils import Cluster
+
+    from conftest import local_ray_cluster
 
     # Raylets (started below) pass these to every worker and to vLLM's engine-core processes.
     monkeypatch.setenv(cpu_ray_platform.ACTIVATE_ENV, "1")
@@ -84,7 +85,7 @@ def two_node_cluster(monkeypatch):
     node_args = {"num_cpus": 2, "resources": {"cpu_device": 1}, "include_dashboard": False}
     # A private temp dir: other Ray users on this machine (address="auto") must not find this cluster.
     temp_dir = tempfile.mkdtemp(prefix="rtcpu-")
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "temp_dir": temp_dir})
+    cluster = local_ray_cluster(**node_args, temp_dir=temp_dir)
     try:
         cluster.add_node(**node_args, temp_dir=temp_dir, env_vars={"VLLM_HOST_IP": "127.0.0.2"})
         ray.init(address=cluster.address)

@@ -111,6 +111,9 @@ def test_dropped_stream_aborts_engine_request(base_url):
     assert wait_running(base_url, CHAT, lambda v: v == 0, ABORT_WITHIN_S) == 0
 
 
+@pytest.mark.xfail(strict=True, reason="HAProxy (Ray Serve's, option abortonclose) does not pass a client's close on "
+                   "to a server that is still preparing its response: a dropped non-streaming request runs to its "
+                   "end (bounded by limits.request_timeout_s); streams abort at once (above)")
 def test_dropped_non_streaming_request_aborts_engine_request(base_url):
     async def drop_once_running() -> float:
         async with httpx.AsyncClient(timeout=120) as client:

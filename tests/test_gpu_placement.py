@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from conftest import local_ray_cluster  # noqa: E402
 
 from app.builder import gpu_engine  # noqa: E402
 from app.config import ModelSpec  # noqa: E402
@@ -46,7 +46,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def two_gpu_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster = local_ray_cluster(num_cpus=1, num_gpus=0)
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=2)
     cluster.wait_for_nodes()
