@@ -279,10 +279,20 @@ def container(name: str, image: str, size: PodSize, ports: dict[str, int], model
         "resources": {"requests": size.quantities(), "limits": size.quantities()},
         "ports": [{"name": port_name, "containerPort": port} for port_name, port in ports.items()],
     }
+    spec["env"] = serve_env() + (model_hub_env() if model_cache else [])
     if model_cache:
-        spec["env"] = model_hub_env()
         spec["volumeMounts"] = [{"name": "model-cache", "mountPath": HF_HOME}]
     return spec
+
+
+# Ray Serve's HAProxy mode on every pod (the controller reads it on the head, replicas on the workers): HAProxy
+# on :8000 hands each connection to a router replica's own HTTP server, engines answer from theirs, and no Ray
+# message carries response bytes. Replicas listen on all interfaces so that HAProxy reaches those on other pods.
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0"}
+
+
+def serve_env() -> list[dict[str, Any]]:
+    return [{"name": k, "value": v} for k, v in SERVE_ENV.items()]
 
 
 def model_hub_env() -> list[dict[str, Any]]:
@@ -404,6 +414,8 @@ def group_lines(plan: ClusterPlan) -> list[str]:
 def operations_lines(plan: ClusterPlan, args: argparse.Namespace) -> list[str]:
     lines = [
         "Head: num-cpus 0 keeps Serve replicas off it; it runs Ray's control plane, the Serve controller and a proxy.",
+        "Request path: RAY_SERVE_ENABLE_HA_PROXY=1 on every pod: HAProxy on :8000 (it answers /-/healthz) passes",
+        "  connections to the router replicas' own HTTP servers, which relay bytes to the engine replicas' servers.",
         "Probes: none set on purpose. KubeRay injects Ray-aware ones: liveness checks only Ray's own processes,",
         "  so a long model load never restarts a pod; on RayService workers readiness also checks the Serve proxy",
         "  (:8000/-/healthz), so a pod without a Serve replica (e.g. a later pipeline stage's pod) stays 0/1 Ready,",

@@ -394,6 +394,16 @@ def test_gpu_pods_use_the_gpu_image_with_hub_token_and_model_cache(file):
     assert volume["name"] == mount["name"] and ("emptyDir" in volume or "persistentVolumeClaim" in volume)
 
 
+@pytest.mark.parametrize("file", MANIFESTS)
+def test_every_pod_runs_serve_in_haproxy_mode(file):
+    manifest = load(file)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e.get("value") for e in ray_container(group)["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"
+
+
 @pytest.mark.parametrize("file", TWO_IMAGE_MANIFESTS)
 def test_cpu_deployments_are_pinned_to_the_cpu_group(file):
     manifest = load(file)
