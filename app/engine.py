@@ -85,7 +85,7 @@ class EngineServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", 0))
         config = uvicorn.Config(self.http, lifespan="on", log_level="warning", access_log=False,
-                                timeout_keep_alive=75, http="httptools", loop="none")
+                                timeout_keep_alive=75, loop="none")
         server = uvicorn.Server(config)
         self._server_task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:

@@ -84,7 +84,9 @@ class Ingress:
         app = details["applications"][self.app_name]["deployments"]
         running = {}
         for model, deployment in self.deployments.items():
-            states = {r["replica_id"]: r["state"] for r in app.get(deployment, {}).get("replicas", [])}
+            status = app.get(deployment, {})
+            self.pools[model].problem = status.get("message") if status.get("status") != "HEALTHY" else None
+            states = {r["replica_id"]: r["state"] for r in status.get("replicas", [])}
             urls = await asyncio.to_thread(replicas.published, self.app_name, deployment)
             running[model] = {rid: url for rid, url in urls.items() if states.get(rid) == "RUNNING"}
         return running
@@ -116,8 +118,8 @@ class Ingress:
         problems = {}
         for name, pool in self.pools.items():
             urls = list(pool.urls().values())
-            if not urls:
-                problems[name] = "no running replica"
+            if not urls:  # e.g. an engine that cannot start: Serve's message carries the replica's error
+                problems[name] = f"no running replica: {pool.problem or 'starting'}"
                 continue
             try:
                 async with self.session.get(f"{urls[0]}/health", timeout=_timeout(ENGINE_CALL_TIMEOUT_S)) as r:

@@ -81,6 +81,7 @@ class ReplicaPool:
     replicas: dict[str, Replica] = field(default_factory=dict)
     waiting: int = 0
     routes: ServedRoutes | None = None  # known once a replica published them
+    problem: str | None = None  # Ray Serve's message while the deployment is not healthy
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def update(self, running: dict[str, dict]) -> None:
@@ -147,7 +148,7 @@ class ReplicaPool:
 
     def _why(self) -> str:
         if not self.replicas:
-            return f"The model `{self.model}` has no running replica yet."
+            return f"The model `{self.model}` has no running replica: {self.problem or 'starting'}"
         return (f"The model `{self.model}` is overloaded: {len(self.replicas)} replica(s) at max_ongoing_requests "
                 f"({self.max_ongoing}) and {self.waiting} request(s) waiting (max_queued_requests).")
 

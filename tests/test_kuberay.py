@@ -50,6 +50,7 @@ RENDER_FLAGS = {
     "serve_configs/gpu-single.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1", "--cpu-workers", "1"],
     "serve_configs/gpu-multinode.yaml": ["--gpu-workers", "2", "--gpus-per-worker", "8"],
     "serve_configs/gpu-device.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1"],
+    "serve_configs/gpu-device-tp2.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "2"],
     "serve_configs/mixed.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1", "--cpu-workers", "1"],
 }
 
