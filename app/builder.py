@@ -24,7 +24,7 @@ from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
 
 logger = logging.getLogger("ray.serve")
 
-PROCESS_GUARD_ENV = {PROCESS_GUARD_ENV_NAME: "1"}  # vLLM's engine processes die with their replica
+PROCESS_GUARD_ENV = {PROCESS_GUARD_ENV_NAME: "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 class ConfigError(ValueError):
