@@ -8,10 +8,11 @@ setup:
 # Ray starts workers at nice 15 by default; vLLM's engine processes inherit it.
 # HAProxy mode: clients reach the router's own HTTP server, no Ray message carries response bytes;
 # haproxy-with-parent: HAProxy stops with Ray (Ray 2.60 would leave it holding port 8000).
+# --address local: a Ray of its own, not the last cluster recorded in /tmp/ray (possibly long gone).
 SERVE_ENV = RAY_worker_niceness=0 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_BINARY_PATH=$(CURDIR)/.venv/bin/haproxy-with-parent
 
 serve: setup
-	$(SERVE_ENV) .venv/bin/serve run serve_configs/cpu.yaml
+	$(SERVE_ENV) .venv/bin/serve run --address local serve_configs/cpu.yaml
 
 test: setup
 	.venv/bin/python -m pytest -v -rs

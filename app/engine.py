@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any
 
-from app import replicas
+from app import engine_errors, replicas
 from app.backend import installed_vllm_build, runtime_problem
 from app.config import ModelSpec
 
@@ -64,7 +64,13 @@ class EngineServer:
         args = vllm_api.server_args(source, self.spec.name, engine_overrides)
         logger.info("model %s: starting vLLM engine from %s with %s", self.spec.name, source, engine_overrides)
         self._engine_cm = vllm_api.build_async_engine_client_from_engine_args(vllm_api.engine_args_from(args))
-        self.engine = await self._engine_cm.__aenter__()
+        self._errors = engine_errors.collecting()
+        try:
+            self.engine = await self._engine_cm.__aenter__()
+        except Exception as e:
+            cause = engine_errors.root_cause(self._errors)
+            self._errors.unlink(missing_ok=True)
+            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine did not start: {cause or e}") from e
         tasks = await self.engine.get_supported_tasks()
         vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
         await vllm_api.init_app_state(self.engine, vllm_app.state, args, tasks)
@@ -124,6 +130,7 @@ class EngineServer:
         server = getattr(self, "_server", None)
         if server is not None:
             replicas.unpublish(*self._key)
+            await asyncio.sleep(2 * replicas.FOLLOW_INTERVAL_S)  # routers notice before the last request is counted
             deadline = time.monotonic() + self.spec.deployment.graceful_shutdown_timeout_s
             while self.http.count and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -132,3 +139,4 @@ class EngineServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+            self._errors.unlink(missing_ok=True)

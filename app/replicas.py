@@ -23,6 +23,7 @@ logger = logging.getLogger("ray.serve")
 
 KV_NAMESPACE = "llm_app_replicas"
 RETRY_DOWN_AFTER_S = 5.0
+FOLLOW_INTERVAL_S = 0.5  # how often routers re-read the running replicas
 
 
 def replica_key(app: str, deployment: str, replica_id: str) -> str:
@@ -154,7 +155,7 @@ class ReplicaPool:
 
 
 async def follow_replicas(pools: dict[str, ReplicaPool], lookup: Callable[[], Awaitable[dict[str, dict[str, dict]]]],
-                          interval_s: float = 0.5) -> None:
+                          interval_s: float = FOLLOW_INTERVAL_S) -> None:
     """Keeps every pool's replicas current: `lookup` returns model -> {replica id: info} of RUNNING replicas."""
     while True:
         try:

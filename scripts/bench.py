@@ -49,7 +49,7 @@ RAY_SERVE_LLM = """
 import sys, time, ray
 from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
-ray.init(num_cpus=8, runtime_env={"env_vars": %(env)r})
+ray.init(address="local", num_cpus=8, runtime_env={"env_vars": %(env)r})
 serve.start(http_options={"host": "127.0.0.1", "port": %(port)d})
 config = LLMConfig(
     model_loading_config={"model_id": %(name)r, "model_source": %(path)r},

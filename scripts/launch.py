@@ -116,8 +116,10 @@ def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] |
     copy = serve_config_on_port(config, port, workdir)
     serve = pathlib.Path(os.sys.executable).parent / "serve"
     env = {**SERVE_ENV, **haproxy_ports(), **(env or {})}
-    return Server([str(serve), "run", str(copy)], f"http://127.0.0.1:{port}", workdir / f"{config.stem}-serve.log",
-                  env=env)
+    # `--address local`: a Ray of its own. Without it `serve run` joins the cluster named in /tmp/ray's
+    # ray_current_cluster, i.e. whichever app (or test cluster) started last on this machine.
+    return Server([str(serve), "run", "--address", "local", str(copy)], f"http://127.0.0.1:{port}",
+                  workdir / f"{config.stem}-serve.log", env=env)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,62 @@
+"""Why vLLM's engine did not start, told to the replica that started it.
+
+vLLM raises the real cause (missing weights, a CUDA error, ...) in its engine-core or worker process and logs it
+there; the replica only gets "Engine core initialization failed. See root cause above", which is what Ray Serve
+would show in `serve run` and `/health`. A `vllm.general_plugins` entry point adds a logging handler in those
+processes that appends each ERROR's exception line to a file the replica names (`LLM_APP_ENGINE_ERRORS`), and the
+replica raises with those lines when the engine fails to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+
+ERRORS_ENV = "LLM_APP_ENGINE_ERRORS"
+
+
+class _ExceptionLines(logging.Handler):
+    MAX_LINES = 20  # start-up errors are few; later ones (the replica has its own logs) are not kept
+
+    def __init__(self, path: str):
+        super().__init__(logging.ERROR)
+        self.path, self.written = path, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.written >= self.MAX_LINES:
+            return
+        self.written += 1
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            line = f"{type(error).__name__}: {error}"
+        else:
+            line = record.getMessage()
+        with open(self.path, "a") as f:
+            f.write(line.replace("\n", " ")[:2000] + "\n")
+
+
+def install() -> None:
+    """The `vllm.general_plugins` entry point: in an engine process of a replica, record errors for it."""
+    path = os.environ.get(ERRORS_ENV)
+    if path:
+        logging.getLogger("vllm").addHandler(_ExceptionLines(path))
+
+
+def collecting() -> pathlib.Path:
+    """A file the engine processes this replica starts from now on will record their errors in."""
+    fd, path = tempfile.mkstemp(prefix="llm-app-engine-errors-", suffix=".log")
+    os.close(fd)
+    os.environ[ERRORS_ENV] = path
+    return pathlib.Path(path)
+
+
+def root_cause(path: pathlib.Path, limit: int = 3) -> str | None:
+    """The distinct error lines recorded (the deepest cause usually comes first), or None."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    distinct = list(dict.fromkeys(line for line in lines if line.strip()))
+    return " | ".join(distinct[:limit]) or None

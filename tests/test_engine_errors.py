@@ -1,0 +1,39 @@
+"""`app.engine_errors`: an engine process's start-up error reaches the replica as its exception line."""
+
+from __future__ import annotations
+
+import logging
+
+from app import engine_errors
+
+
+def test_errors_logged_in_an_engine_process_become_the_root_cause(monkeypatch, tmp_path):
+    path = tmp_path / "errors.log"
+    monkeypatch.setenv(engine_errors.ERRORS_ENV, str(path))
+    logger = logging.getLogger("vllm.test_engine_errors")
+    engine_errors.install()
+    try:
+        try:
+            raise RuntimeError("Cannot find any model weights with `/models/x`")
+        except RuntimeError:
+            logger.exception("WorkerProc failed to start.")
+            logger.exception("WorkerProc failed to start.")  # repeated by several processes: said once
+        logger.error("Engine core initialization failed.")
+        logger.warning("not an error")
+    finally:
+        for handler in list(logging.getLogger("vllm").handlers):
+            if isinstance(handler, engine_errors._ExceptionLines):
+                logging.getLogger("vllm").removeHandler(handler)
+    assert engine_errors.root_cause(path) == (
+        "RuntimeError: Cannot find any model weights with `/models/x` | Engine core initialization failed.")
+
+
+def test_without_a_file_named_nothing_is_recorded(monkeypatch):
+    monkeypatch.delenv(engine_errors.ERRORS_ENV, raising=False)
+    before = list(logging.getLogger("vllm").handlers)
+    engine_errors.install()
+    assert logging.getLogger("vllm").handlers == before
+
+
+def test_no_file_means_no_cause(tmp_path):
+    assert engine_errors.root_cause(tmp_path / "missing.log") is None

@@ -1,0 +1,120 @@
+"""Graceful rolling update and scale-down: `serve deploy` of a changed config while 16 streams run. Every stream
+ends with [DONE], no client sees an error, and the new config serves afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import ROOT, running, serve_run
+
+pytestmark = pytest.mark.integration
+
+CONFIG = ROOT / "tests" / "configs" / "rolling.yaml"
+STREAM = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 48,
+          "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def rolling(tmp_path_factory):
+    with running(serve_run(CONFIG, tmp_path_factory.mktemp("rolling"))) as app:
+        yield app
+
+
+def dashboard(app) -> str:
+    """The Ray dashboard of the cluster `serve run` started (where `serve deploy` sends configs)."""
+    match = re.search(r"dashboard at \S*(http://[\d.]+:\d+)", app.log_path.read_text(errors="replace"))
+    return match.group(1)
+
+
+def deploy(app, tmp_path: Path, change) -> None:
+    """`serve deploy` of the running config (its port included) with `change` applied to the model's entry."""
+    config = yaml.safe_load(Path(app.process.args[-1]).read_text())  # the config `serve run` got
+    change(config["applications"][0]["args"]["models"][0])
+    path = tmp_path / f"deploy-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = Path(sys.executable).parent / "serve"
+    subprocess.run([str(serve), "deploy", str(path), "-a", dashboard(app)], check=True, timeout=120)
+
+
+async def stream_until(url: str, done: asyncio.Event, results: list) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=180) as client:
+        while not done.is_set():
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=STREAM) as r:
+                    lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                results.append((r.status_code, lines[-1] if lines else "", any('"error"' in l for l in lines)))
+            except httpx.HTTPError as e:
+                results.append((599, repr(e), True))
+
+
+def under_load(app, action) -> list:
+    """Runs `action` (blocking) while 16 clients stream back to back; returns every stream's outcome."""
+    async def main():
+        done, results = asyncio.Event(), []
+        clients = [asyncio.create_task(stream_until(app.url, done, results)) for _ in range(16)]
+        await asyncio.sleep(3)
+        await asyncio.to_thread(action)
+        await asyncio.sleep(3)
+        done.set()
+        await asyncio.gather(*clients)
+        return results
+
+    return asyncio.run(main())
+
+
+def replicas(app) -> set[int]:
+    return app.descendant_pids("ServeReplica:llm:tiny-chat")
+
+
+def wait_for(predicate, timeout_s: float = 420) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(2)
+
+
+def assert_all_clean(results: list) -> None:
+    bad = [r for r in results if r[0] != 200 or r[1] != "data: [DONE]" or r[2]]
+    assert len(results) >= 32 and not bad, (len(results), bad[:5])
+
+
+def max_model_len(app) -> int | None:
+    cards = httpx.get(f"{app.url}/v1/models", timeout=30).json()["data"]
+    return cards[0].get("max_model_len")
+
+
+@pytest.mark.timeout(900)
+def test_rolling_update_under_streams(rolling, tmp_path):
+    old = replicas(rolling)
+
+    def update():
+        deploy(rolling, tmp_path, lambda m: m["engine_args"].update(max_model_len=1024))
+        wait_for(lambda: max_model_len(rolling) == 1024 and not (replicas(rolling) & old))
+
+    assert_all_clean(under_load(rolling, update))
+    assert httpx.post(f"{rolling.url}/v1/completions", timeout=60,
+                      json={"model": "tiny-chat", "prompt": "x " * 1100, "max_tokens": 2}).status_code == 400
+
+
+@pytest.mark.timeout(900)
+def test_scale_down_drains_under_streams(rolling, tmp_path):
+    deploy(rolling, tmp_path, lambda m: (m["engine_args"].update(max_model_len=1024),
+                                         m["deployment"].update(num_replicas=2)))
+    wait_for(lambda: len(replicas(rolling)) == 2)
+    time.sleep(5)  # both replicas take traffic
+
+    def scale_down():
+        deploy(rolling, tmp_path, lambda m: (m["engine_args"].update(max_model_len=1024),
+                                             m["deployment"].update(num_replicas=1)))
+        wait_for(lambda: len(replicas(rolling)) == 1)
+
+    assert_all_clean(under_load(rolling, scale_down))
