@@ -105,7 +105,10 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
     server = EngineServer if gpu else CPUEngineServer
     options["ray_actor_options"]["runtime_env"]["env_vars"].update(PROCESS_GUARD_ENV)
     deployment = serve.deployment(server, name=deployment_name(spec.name), **serve_options(spec.deployment))
-    return deployment.options(**options).bind(spec.model_dump(mode="json"), overrides)
+    # Only what the engine needs: Serve options (replicas, autoscaling) and routing settings may change without
+    # replacing a replica (and reloading its model).
+    engine_spec = spec.model_dump(mode="json", exclude={"deployment", "fallback", "fallback_after"})
+    return deployment.options(**options).bind(engine_spec, overrides)
 
 
 def check_engine_args(model: str, overrides: dict[str, Any]) -> None:

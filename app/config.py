@@ -36,6 +36,11 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 60.0
     graceful_shutdown_timeout_s: float = 30.0
+    max_surge_percent: int = Field(
+        100, ge=0, le=100, description="Extra replicas during a rolling update: old replicas serve until their "
+        "replacements are ready (Ray Serve's default, 0, stops them first: a one-replica model would be down while "
+        "its engine loads). Needs room for the extra replicas (GPUs!); 0 trades that for a gap.",
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> "DeploymentOptions":

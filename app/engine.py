@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 from app import engine_errors, replicas
@@ -58,8 +57,16 @@ class EngineServer:
                                   self.spec.accelerator)
         if problem:
             raise RuntimeError(f"model {self.spec.name!r} cannot start on this node: {problem}")
+        from ray import serve
+
         from app import vllm_api
 
+        context = serve.get_replica_context()
+        version = f"{context.app_name}/{context.deployment}/{context.code_version}"
+        count, cause = engine_errors.failed_starts(version)
+        if count >= engine_errors.MAX_ENGINE_STARTS:
+            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine failed to start {count} times, not trying "
+                               f"again until the next deploy: {cause}")
         source = self.spec.resolved_source()
         args = vllm_api.server_args(source, self.spec.name, engine_overrides)
         logger.info("model %s: starting vLLM engine from %s with %s", self.spec.name, source, engine_overrides)
@@ -68,9 +75,11 @@ class EngineServer:
         try:
             self.engine = await self._engine_cm.__aenter__()
         except Exception as e:
-            cause = engine_errors.root_cause(self._errors)
+            cause = engine_errors.root_cause(self._errors) or f"{type(e).__name__}: {e}"
             self._errors.unlink(missing_ok=True)
-            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine did not start: {cause or e}") from e
+            count = engine_errors.record_failed_start(version, cause)
+            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine did not start (attempt {count} of "
+                               f"{engine_errors.MAX_ENGINE_STARTS}): {cause}") from e
         tasks = await self.engine.get_supported_tasks()
         vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
         await vllm_api.init_app_state(self.engine, vllm_app.state, args, tasks)
@@ -126,13 +135,12 @@ class EngineServer:
 
     async def __del__(self):
         """Graceful stop: routers stop sending here (the replica left RUNNING), open requests finish, then the
-        server and the engine stop. Serve bounds this by graceful_shutdown_timeout_s."""
+        server and the engine stop. Serve bounds this by the deployment's graceful_shutdown_timeout_s."""
         server = getattr(self, "_server", None)
         if server is not None:
             replicas.unpublish(*self._key)
             await asyncio.sleep(2 * replicas.FOLLOW_INTERVAL_S)  # routers notice before the last request is counted
-            deadline = time.monotonic() + self.spec.deployment.graceful_shutdown_timeout_s
-            while self.http.count and time.monotonic() < deadline:
+            while self.http.count:  # Serve force-stops the replica after graceful_shutdown_timeout_s
                 await asyncio.sleep(0.1)
             server.should_exit = True
             await asyncio.wait([self._server_task], timeout=5)

@@ -73,18 +73,26 @@ class Ingress:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             auto_decompress=False,
         )
+        with contextlib.suppress(Exception):  # a new router knows the engines before it takes traffic
+            for model, running in (await self._running_replicas()).items():
+                self.pools[model].update(running)
         self._follow = asyncio.create_task(replicas.follow_replicas(self.pools, self._running_replicas))
         return ASGIApp(self.asgi)
 
     async def _running_replicas(self) -> dict[str, dict[str, dict]]:
-        """model -> {replica id: {"url", "routes"}} of the engine replicas the Serve controller lists as RUNNING."""
+        """model -> {replica id: {"url", "routes"}} of the engine replicas the Serve controller lists as RUNNING.
+
+        A deployment the controller does not list right now (e.g. while a new config is being built) is left out,
+        so that its model keeps the replicas it had."""
         from ray.serve.context import _get_global_client
 
         details = await _get_global_client()._controller.get_serve_instance_details.remote()
-        app = details["applications"][self.app_name]["deployments"]
+        listed = details.get("applications", {}).get(self.app_name, {}).get("deployments", {})
         running = {}
         for model, deployment in self.deployments.items():
-            status = app.get(deployment, {})
+            if deployment not in listed:
+                continue
+            status = listed[deployment]
             self.pools[model].problem = status.get("message") if status.get("status") != "HEALTHY" else None
             states = {r["replica_id"]: r["state"] for r in status.get("replicas", [])}
             urls = await asyncio.to_thread(replicas.published, self.app_name, deployment)

@@ -24,6 +24,7 @@ logger = logging.getLogger("ray.serve")
 KV_NAMESPACE = "llm_app_replicas"
 RETRY_DOWN_AFTER_S = 5.0
 FOLLOW_INTERVAL_S = 0.5  # how often routers re-read the running replicas
+NO_REPLICA_WAIT_S = 10.0  # a request for a model with no running replica waits this long for one (e.g. a restart)
 
 
 def replica_key(app: str, deployment: str, replica_id: str) -> str:
@@ -112,9 +113,9 @@ class ReplicaPool:
         """A replica with a free slot, held for the block; waits in a bounded queue, else NoCapacity."""
         replica = self.pick()
         if replica is None:
-            if not self.replicas or (0 <= self.max_queued <= self.waiting):
+            if 0 <= self.max_queued <= self.waiting:
                 raise NoCapacity(self._why())
-            replica = await self._wait(timeout_s)
+            replica = await self._wait(timeout_s if self.replicas else min(timeout_s, NO_REPLICA_WAIT_S))
         replica.ongoing += 1
         try:
             yield replica

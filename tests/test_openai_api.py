@@ -166,3 +166,47 @@ def test_32_concurrent_requests_all_succeed(aclient_factory):
 
     results = asyncio.run(run())
     assert len(results) == 32
+
+
+# Routes beyond the classic ones: the router forwards whatever vLLM's app serves for the model's task.
+def test_responses_api(client):
+    r = client.responses.create(model=CHAT, input="Say hello.", max_output_tokens=8)
+    assert r.object == "response" and r.model == CHAT and r.output_text is not None
+    assert r.usage.output_tokens > 0
+
+
+def test_responses_api_streaming(client):
+    events = list(client.responses.create(model=CHAT, input="Say hello.", max_output_tokens=8, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds
+
+
+QUERY = "What do people eat for dinner?"
+DOCUMENTS = ["The stock market fell sharply today.", "Many families eat pasta or pizza for dinner."]
+
+
+def test_score_ranks_the_relevant_text_first(base_url):
+    r = httpx.post(f"{base_url}/v1/score", json={"model": EMBED, "text_1": QUERY, "text_2": DOCUMENTS}, timeout=60)
+    assert r.status_code == 200, r.text
+    scores = [d["score"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+    assert scores[1] > scores[0] + 0.2, scores
+
+
+def test_rerank_orders_by_relevance(base_url):
+    r = httpx.post(f"{base_url}/rerank", json={"model": EMBED, "query": QUERY, "documents": DOCUMENTS}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [d["index"] for d in r.json()["results"]] == [1, 0]
+
+
+def test_a_route_the_models_task_lacks_is_refused_with_the_models_that_serve_it(base_url):
+    r = httpx.post(f"{base_url}/v1/score", json={"model": CHAT, "text_1": QUERY, "text_2": DOCUMENTS}, timeout=60)
+    assert r.status_code == 400 and EMBED in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/v1/audio/transcriptions", json={"model": CHAT}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+
+
+def test_routes_are_exactly_vllms(base_url):
+    """Bodies and status of an error are vLLM's own (here: its request validation)."""
+    r = httpx.post(f"{base_url}/v1/responses", json={"model": CHAT, "input": "x", "max_output_tokens": -3})
+    assert r.status_code == 400 and r.json()["error"]["message"]

@@ -62,11 +62,22 @@ def test_waiting_times_out():
     asyncio.run(main())
 
 
-def test_no_replica_is_refused_with_a_reason():
+def test_no_replica_is_refused_with_a_reason_after_a_short_wait():
     async def main():
         with pytest.raises(NoCapacity, match="no running replica"):
-            async with ReplicaPool("m", 1, 1).slot(1):
+            async with ReplicaPool("m", 1, 1).slot(0.05):
                 pass
+
+    asyncio.run(main())
+
+
+def test_a_request_waits_for_a_replica_that_is_starting():
+    async def main():
+        p = ReplicaPool("m", 1, 1)
+        waiter = asyncio.create_task(p.slot(5).__aenter__())
+        await asyncio.sleep(0.05)
+        p.update(running("a"))  # e.g. the replica that replaces a killed one
+        assert (await asyncio.wait_for(waiter, 1)).replica_id == "a"
 
     asyncio.run(main())
 

@@ -4,6 +4,8 @@ ends with [DONE], no client sees an error, and the new config serves afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +44,9 @@ def deploy(app, tmp_path: Path, change) -> None:
     path = tmp_path / f"deploy-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = Path(sys.executable).parent / "serve"
-    subprocess.run([str(serve), "deploy", str(path), "-a", dashboard(app)], check=True, timeout=120)
+    # Ray 2.60 starts local clusters with token auth (the token in ~/.ray/auth_token); the CLI sends it when told.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(serve), "deploy", str(path), "-a", dashboard(app)], check=True, timeout=120, env=env)
 
 
 async def stream_until(url: str, done: asyncio.Event, results: list) -> None:
@@ -51,7 +55,8 @@ async def stream_until(url: str, done: asyncio.Event, results: list) -> None:
             try:
                 async with client.stream("POST", "/v1/chat/completions", json=STREAM) as r:
                     lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
-                results.append((r.status_code, lines[-1] if lines else "", any('"error"' in l for l in lines)))
+                errors = [line for line in lines[:-1] if "error" in json.loads(line[len("data: "):])]
+                results.append((r.status_code, lines[-1] if lines else "", bool(errors)))
             except httpx.HTTPError as e:
                 results.append((599, repr(e), True))
 
