@@ -51,7 +51,7 @@ class Ingress:
         self.api_keys = config.resolved_api_keys()
         self.metrics = IngressMetrics()
         self.created = int(time.time())
-        self._model_cards: dict[str, dict[str, Any]] = {}
+        self._model_cards: dict[str, tuple[str, dict[str, Any]]] = {}  # model -> (replica asked, engine facts)
         self.in_flight: Counter[str] = Counter()  # requests this router replica has open, per model
         self.pools = {
             m.name: ReplicaPool(m.name, m.deployment.max_ongoing_requests, m.deployment.max_queued_requests)
@@ -266,19 +266,22 @@ class Ingress:
                 return bytes(body)
 
     async def _model_card(self, name: str) -> dict[str, Any]:
-        if name not in self._model_cards:
-            spec = self.config.model(name)
-            card = {"id": name, "object": "model", "created": self.created, "owned_by": "vllm", "root": spec.source,
-                    "parent": None, "task": spec.task, "backend": self.backends[name]}
-            urls = list(self.pools[name].urls().values())
-            if not urls:
-                return card  # still starting: listed without engine facts
+        """The model's card; engine facts (max_model_len) from one of its running replicas, asked again once that
+        replica is gone (a new config may have changed them)."""
+        spec, pool = self.config.model(name), self.pools[name]
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "vllm", "root": spec.source,
+                "parent": None, "task": spec.task, "backend": self.backends[name]}
+        cached = self._model_cards.get(name)
+        if cached is not None and cached[0] in pool.replicas:
+            return card | cached[1]
+        for replica_id, url in pool.urls().items():
             try:
-                engine_card = json.loads(await self._get_text(f"{urls[0]}/v1/models"))["data"][0]
+                engine_card = json.loads(await self._get_text(f"{url}/v1/models"))["data"][0]
             except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError):
-                return card
-            self._model_cards[name] = card | {"max_model_len": engine_card.get("max_model_len")}
-        return self._model_cards[name]
+                continue
+            self._model_cards[name] = (replica_id, {"max_model_len": engine_card.get("max_model_len")})
+            return card | self._model_cards[name][1]
+        return card  # still starting: listed without engine facts
 
 
 class ASGIApp:
