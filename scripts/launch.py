@@ -106,8 +106,11 @@ SERVE_ENV = {
 
 
 def haproxy_ports() -> dict[str, str]:
-    """Free ports for HAProxy's stats and metrics listeners, so that several local clusters can run at once."""
-    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+    """Free ports for HAProxy's stats and metrics listeners and for Serve's fallback proxy, so that several local
+    clusters can run at once. (With the fixed defaults, a second cluster's HAProxy falls back to the first cluster's
+    proxy, 127.0.0.1:8500, while its own router starts: it answers for the wrong app.)"""
+    names = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+    return {name: str(free_port()) for name in names}
 
 
 def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] | None = None) -> Server:
