@@ -20,6 +20,7 @@ from app.config import AppConfig, DeploymentOptions, ModelSpec
 from app.cpu import CPUEngineServer, cpu_engine
 from app.engine import EngineServer
 from app.ingress import ingress_class
+from app.model_shape import read_model_shape
 from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
 
 logger = logging.getLogger("ray.serve")
@@ -67,6 +68,10 @@ def gpu_engine(spec: ModelSpec, wait_for_gpus_s: float = 0) -> tuple[dict[str, A
                 raise ConfigError(f"model {spec.name!r}: {e}") from None
             logger.info("model %s: waiting for GPU nodes to join (%s)", spec.name, e)
             time.sleep(5)
+    shape = read_model_shape(spec.resolved_source())
+    problem = shape and shape.problem(layout.tensor_parallel_size, layout.pipeline_parallel_size)
+    if problem:
+        raise ConfigError(f"model {spec.name!r}: {problem}")
     logger.info("model %s: layout TP=%d x PP=%d (%s)", spec.name, layout.tensor_parallel_size,
                 layout.pipeline_parallel_size, layout.reason)
     overrides = {

@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp", type=int, help="pipeline_parallel_size")
     parser.add_argument("--gpus", type=int, help="total accelerators for one replica")
     parser.add_argument("--accelerator", default="GPU", help="Ray resource name of the accelerator")
+    parser.add_argument("--model", help="a model folder (or cached hub id): check the layout against its shape")
     args = parser.parse_args(argv)
     if (args.nodes is None) != (args.gpus_per_node is None):
         parser.error("--nodes and --gpus-per-node go together")
@@ -301,8 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as error:  # ray.init(address="auto") found no cluster
         print(f"error: {error}", file=sys.stderr)
         return 1
+    problem = _shape_problem(args.model, layout)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     print(json.dumps(layout.to_dict(), indent=2))
     return 0
+
+
+def _shape_problem(model: str | None, layout: Layout) -> str | None:
+    from app.model_shape import read_model_shape
+
+    shape = read_model_shape(model) if model else None
+    return shape and shape.problem(layout.tensor_parallel_size, layout.pipeline_parallel_size)
 
 
 def _cli_topology(args: argparse.Namespace) -> Topology:
