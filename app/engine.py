@@ -122,9 +122,6 @@ class EngineServer:
             raise RuntimeError(f"model {self.spec.name!r}: the replica's HTTP server stopped")
         await self.engine.check_health()
 
-    async def address(self) -> str:
-        return self.url
-
     @staticmethod
     def _visible_gpus(engine_overrides: dict[str, Any]) -> int | None:
         if engine_overrides.get("distributed_executor_backend") == "ray":
