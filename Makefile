@@ -15,7 +15,7 @@ serve: setup
 	$(SERVE_ENV) .venv/bin/serve run --address local serve_configs/cpu.yaml
 
 test: setup
-	.venv/bin/python -m pytest -v -rs
+	.venv/bin/python -m pytest -v -rs --durations=25
 
 test-unit: setup
 	.venv/bin/python -m pytest -v -m "not integration"
