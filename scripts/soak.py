@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import signal
 import statistics
 import sys
@@ -40,6 +41,7 @@ REQUESTS = [  # (kind, model, route, body)
     ("embeddings", EMBED, "/v1/embeddings", {"model": EMBED, "input": ["one sentence", "and another"]}),
     ("bad", CHAT, "/v1/chat/completions", {"model": CHAT, "messages": "garbage"}),  # a 400 on purpose
 ]
+METHOD_SUFFIX = re.compile(r"\.[a-z_]+$")
 PLOT_MIN_MIB = 150  # processes below this get one summed line in the plot (all are in the table)
 RECOVERY_WINDOW_S = 180  # failures this soon after a kill of the same model are the kill's, not a fault
 
@@ -75,7 +77,7 @@ def process_label(proc: psutil.Process) -> str:
     cmdline = proc.cmdline()
     title = cmdline[0] if cmdline else proc.name()
     if title.startswith(("ray::", "VLLM::")):
-        return title.split(" ")[0]
+        return METHOD_SUFFIX.sub("", title.split(" ")[0])  # a replica's title names the method it runs
     if proc.name().startswith("VLLM::"):
         return proc.name()
     name = pathlib.Path(title).name
@@ -141,16 +143,16 @@ async def soak(url: str, root: psutil.Process, minutes: float, kill_every_s: flo
 
 
 def recovery(log: list[dict], kills: list[dict]) -> list[dict]:
-    """Per kill: failures it caused and seconds until that model served again (first success after the last
-    failure that followed the kill)."""
+    """Per kill: the requests of that model that failed, and when it served again: the end of the longest pause
+    between two of its successful answers that began around the kill (clients wait for a replica rather than fail)."""
     out = []
     for kill in kills:
-        after = [r for r in log if r["model"] == kill["model"] and r["t"] >= kill["t"] - 60
-                 and r["t"] <= kill["t"] + RECOVERY_WINDOW_S and r["kind"] != "bad"]
-        failed = [r for r in after if not r["outcome"].startswith("2")]
-        last_fail = max((r["t"] + r["latency_s"] for r in failed), default=kill["t"])
-        back = min((r["t"] + r["latency_s"] for r in after if r["outcome"].startswith("2") and r["t"] >= last_fail),
-                   default=None)
+        window = [r for r in log if r["model"] == kill["model"] and r["kind"] != "bad"
+                  and kill["t"] - 60 <= r["t"] <= kill["t"] + RECOVERY_WINDOW_S]
+        failed = [r for r in window if not r["outcome"].startswith("2")]
+        done = sorted(r["t"] + r["latency_s"] for r in window if r["outcome"].startswith("2"))
+        gaps = [(b - a, b) for a, b in zip(done, done[1:]) if a >= kill["t"] - 5]
+        back = max(gaps)[1] if gaps else None
         out.append({**kill, "failed_requests": len(failed), "outcomes": dict(collections.Counter(
             r["outcome"] for r in failed)), "serving_again_after_s": round(back - kill["t"], 1) if back else None})
     return out
@@ -259,7 +261,19 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=10)
     parser.add_argument("--name", default="soak-cpu")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    parser.add_argument("--report", help="only re-render the report of this earlier run's JSON")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(pathlib.Path(args.report).read_text())
+        for sample in saved["rss"]:  # labels as this version names them
+            merged = collections.defaultdict(float)
+            for label, mib in sample["rss_mib"].items():
+                if label.startswith(("ray::", "VLLM::")):
+                    label = METHOD_SUFFIX.sub("", label.removesuffix(")")) + (")" if label.endswith(")") else "")
+                merged[label] += mib
+            sample["rss_mib"] = {k: round(v, 1) for k, v in merged.items()}
+        return write_report(saved["name"], args.out_dir, saved["minutes"], saved["kill_every_min"],
+                            saved["concurrency"], saved, saved["leaked_processes"])
     seen: set[int] = set()  # every pid of the app's process tree, sampled
     with tempfile.TemporaryDirectory() as workdir:
         with running(serve_run(ROOT / "serve_configs" / "cpu.yaml", pathlib.Path(workdir))) as app:
@@ -269,15 +283,21 @@ def main() -> int:
     deadline = time.monotonic() + 60
     while (left := leftover_processes() & seen) and time.monotonic() < deadline:
         time.sleep(1)
-    report = {"name": args.name, "minutes": args.minutes, "kill_every_min": args.kill_every_min,
-              "concurrency": args.concurrency, **result, "per_minute": per_minute(result["requests"]),
-              "recovery": recovery(result["requests"], result["kills"]),
+    return write_report(args.name, args.out_dir, args.minutes, args.kill_every_min, args.concurrency, result,
+                        sorted(left))
+
+
+def write_report(name: str, out_dir: str, minutes: float, kill_every_min: float, concurrency: int, result: dict,
+                 leaked: list[int]) -> int:
+    report = {"name": name, "minutes": minutes, "kill_every_min": kill_every_min, "concurrency": concurrency,
+              "requests": result["requests"], "rss": result["rss"], "kills": result["kills"],
+              "per_minute": per_minute(result["requests"]), "recovery": recovery(result["requests"], result["kills"]),
               "unexpected_failures": unexpected_failures(result["requests"], result["kills"]),
-              "memory_trend": memory_trend(result["rss"], args.minutes), "leaked_processes": sorted(left)}
-    out = pathlib.Path(args.out_dir)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(report))
-    plot(report, out / f"{args.name}.png")
+              "memory_trend": memory_trend(result["rss"], minutes), "leaked_processes": leaked}
+    out = pathlib.Path(out_dir)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(markdown(report))
+    plot(report, out / f"{name}.png")
     print(markdown(report))
     return 1 if report["unexpected_failures"] or report["leaked_processes"] else 0
 
