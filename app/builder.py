@@ -26,6 +26,7 @@ from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
 logger = logging.getLogger("ray.serve")
 
 PROCESS_GUARD_ENV = {PROCESS_GUARD_ENV_NAME: "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+LORA_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 class ConfigError(ValueError):
@@ -47,8 +48,8 @@ def deployment_name(model_name: str) -> str:
 
 
 def serve_options(options: DeploymentOptions) -> dict[str, Any]:
-    """Ray Serve deployment options, except ray_actor_options (which depend on the backend)."""
-    chosen = options.model_dump(exclude={"num_cpus", "resources"}, exclude_none=True)
+    """Ray Serve deployment options, except ray_actor_options (which depend on the backend) and the router's own."""
+    chosen = options.model_dump(exclude={"num_cpus", "resources", "request_router"}, exclude_none=True)
     if options.autoscaling_config is not None:
         chosen["num_replicas"] = "auto"
     return chosen
@@ -109,6 +110,9 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
         check_engine_args(spec.name, overrides)
     server = EngineServer if gpu else CPUEngineServer
     options["ray_actor_options"]["runtime_env"]["env_vars"].update(PROCESS_GUARD_ENV)
+    if spec.lora_enabled:  # and vLLM's load/unload routes, which the router calls on every replica
+        overrides["enable_lora"] = True
+        options["ray_actor_options"]["runtime_env"]["env_vars"][LORA_UPDATES_ENV] = "True"
     deployment = serve.deployment(server, name=deployment_name(spec.name), **serve_options(spec.deployment))
     # Only what the engine needs: Serve options (replicas, autoscaling) and routing settings may change without
     # replacing a replica (and reloading its model).

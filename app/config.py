@@ -50,6 +50,49 @@ class DeploymentOptions(Strict):
         return self
 
 
+class RequestRouterOptions(Strict):
+    """How the router picks one of a model's replicas. `prefix_aware` follows ray.serve.llm's
+    PrefixCacheAffinityRouter: least loaded when load is imbalanced, else the replica whose past prompts share the
+    longest prefix with this one (so vLLM's prefix cache hits), else the replica with the fewest prompts on record."""
+
+    policy: Literal["least_loaded", "prefix_aware"] = Field(
+        "least_loaded", description="least_loaded: fewest requests in flight. prefix_aware: prompt-prefix affinity."
+    )
+    imbalanced_threshold: float = Field(
+        8.0, ge=0, description="prefix_aware: in-flight requests between the busiest and the idlest replica beyond "
+        "which the least loaded one is picked (ray.serve.llm's default is .inf: a hot prefix may then fill one replica "
+        "up to max_ongoing_requests while the others idle).",
+    )
+    match_rate_threshold: float = Field(
+        0.1, ge=0, le=1, description="prefix_aware: least share of the prompt that must match a replica's record to "
+        "follow it; below it the replica with the smallest record takes the request.",
+    )
+    eviction_threshold_chars: int = Field(
+        400_000, ge=1, description="prefix_aware: characters of prompt text recorded per replica before the least "
+        "recently used are dropped (bounds the router's memory).",
+    )
+    eviction_target_chars: int = Field(360_000, ge=0, description="prefix_aware: what eviction leaves per replica.")
+
+    @model_validator(mode="after")
+    def _target_below_threshold(self) -> "RequestRouterOptions":
+        if self.eviction_target_chars > self.eviction_threshold_chars:
+            raise ValueError("eviction_target_chars must not exceed eviction_threshold_chars")
+        return self
+
+
+class ModelDeploymentOptions(DeploymentOptions):
+    """A model's engine deployment: Serve options plus how the router spreads requests over its replicas."""
+
+    request_router: RequestRouterOptions = Field(
+        RequestRouterOptions(), description="Replica choice; a policy name alone ('prefix_aware') keeps the defaults."
+    )
+
+    @field_validator("request_router", mode="before")
+    @classmethod
+    def _policy_name(cls, value: Any) -> Any:
+        return {"policy": value} if isinstance(value, str) else value
+
+
 class IngressOptions(DeploymentOptions):
     """The ingress is light (routing and relaying bytes): little CPU, many requests at once."""
 
@@ -92,12 +135,17 @@ class ModelSpec(Strict):
     engine_args: dict[str, Any] = Field({}, description="vLLM engine arguments under their vLLM names.")
     env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")
     cpu: CPUOptions = CPUOptions()
-    deployment: DeploymentOptions = DeploymentOptions()
+    deployment: ModelDeploymentOptions = ModelDeploymentOptions()
     fallback: str | None = Field(
         None, description="Opt-in spillover: a model (same task) that serves requests when this one is busy."
     )
     fallback_after: int = Field(
         8, ge=1, description="Spill to `fallback` once this many requests are in flight here (per ingress replica)."
+    )
+    lora_adapters: dict[str, str] = Field(
+        {}, description="LoRA adapters served on this model: name (the `model` clients send) -> local path (resolved "
+        "like `source`) or hub id. Listing any turns on `enable_lora`; other LoRA settings (max_loras, max_lora_rank, "
+        "...) go in engine_args. Adapters can also be loaded at run time (POST /v1/load_lora_adapter).",
     )
 
     @field_validator("engine_args")
@@ -111,6 +159,23 @@ class ModelSpec(Strict):
                 "(source, name, tensor_parallel_size, pipeline_parallel_size, task)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self) -> "ModelSpec":
+        if "" in self.lora_adapters:
+            raise ValueError("lora_adapters: an adapter name may not be empty")
+        if self.lora_adapters and self.engine_args.get("enable_lora") is False:
+            raise ValueError("lora_adapters are listed but engine_args.enable_lora is false: remove one of them")
+        return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether this model's engines serve LoRA adapters (listed ones, or loaded at run time)."""
+        return bool(self.lora_adapters) or bool(self.engine_args.get("enable_lora"))
+
+    def resolved_lora_adapters(self) -> dict[str, str]:
+        """name -> path or hub id to hand to vLLM, resolved on the machine that loads the model."""
+        return {name: resolve_source(path) for name, path in self.lora_adapters.items()}
 
     def layout_request(self):
         """What this model asks of the layout planner (GPU backend)."""
@@ -127,15 +192,7 @@ class ModelSpec(Strict):
 
     def resolved_source(self) -> str:
         """The path or hub id to hand to vLLM, resolved on the machine that loads the model."""
-        if self.source.startswith(PACKAGE_PREFIX):
-            return str(package_folder(self.source[len(PACKAGE_PREFIX) :]))
-        path = pathlib.Path(self.source).expanduser()
-        if path.is_absolute() or self.source.startswith("."):
-            return str(path.resolve())
-        for base in (pathlib.Path.cwd(), PROJECT_ROOT):
-            if (base / path).exists():
-                return str((base / path).resolve())
-        return self.source  # a hub id such as "Qwen/Qwen2.5-1.5B-Instruct"
+        return resolve_source(self.source)
 
 
 class RequestLimits(Strict):
@@ -179,6 +236,20 @@ class AppConfig(Strict):
                 raise ValueError(f"model {m.name!r}: fallback {m.fallback!r} must have the same task ({m.task})")
         return self
 
+    @model_validator(mode="after")
+    def _adapter_names(self) -> "AppConfig":
+        models = {m.name for m in self.models}
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for adapter in m.lora_adapters:
+                if adapter in models:
+                    raise ValueError(f"model {m.name!r}: LoRA adapter {adapter!r} has the name of a model of this app")
+                if adapter in seen:
+                    raise ValueError(f"LoRA adapter names must be unique: {adapter!r} is listed for models "
+                                     f"{seen[adapter]!r} and {m.name!r}")
+                seen[adapter] = m.name
+        return self
+
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -187,6 +258,20 @@ class AppConfig(Strict):
         if self.api_keys_env:
             keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
         return keys
+
+
+def resolve_source(source: str) -> str:
+    """A config's path or hub id as vLLM takes it: packaged weights' folder, a local path made absolute (relative
+    paths against the working directory, then the project), else unchanged (a hub id)."""
+    if source.startswith(PACKAGE_PREFIX):
+        return str(package_folder(source[len(PACKAGE_PREFIX) :]))
+    path = pathlib.Path(source).expanduser()
+    if path.is_absolute() or source.startswith("."):
+        return str(path.resolve())
+    for base in (pathlib.Path.cwd(), PROJECT_ROOT):
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return source  # a hub id such as "Qwen/Qwen2.5-1.5B-Instruct"
 
 
 def package_folder(spec: str) -> pathlib.Path:

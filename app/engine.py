@@ -15,7 +15,7 @@ import os
 import socket
 from typing import Any
 
-from app import engine_errors, replicas
+from app import adapters, engine_errors, replicas
 from app.backend import installed_vllm_build, runtime_problem
 from app.config import ModelSpec
 
@@ -68,7 +68,8 @@ class EngineServer:
             raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine failed to start {count} times, not trying "
                                f"again until the next deploy: {cause}")
         source = self.spec.resolved_source()
-        args = vllm_api.server_args(source, self.spec.name, engine_overrides)
+        args = vllm_api.server_args(source, self.spec.name, engine_overrides, self.spec.resolved_lora_adapters())
+        self._registry = (context.app_name, context.deployment)  # where the router records run-time adapters
         logger.info("model %s: starting vLLM engine from %s with %s", self.spec.name, source, engine_overrides)
         self._engine_cm = vllm_api.build_async_engine_client_from_engine_args(vllm_api.engine_args_from(args))
         self._errors = engine_errors.collecting()
@@ -87,9 +88,15 @@ class EngineServer:
         self.url, self._server = await self._serve_http(vllm_app)
         # vLLM's engine-error handler stops this server once the engine died; the health check then fails.
         vllm_app.state.server = self._server
+        await self._sync_adapters()  # no request sees this replica without the adapters loaded at run time
         self._publish(vllm_routes(vllm_app))
+        # Routers load adapters on the replicas they find published: sync those (un)loaded while this one started.
+        await self._sync_adapters()
         logger.info("model %s: ready at %s (tasks %s, max_model_len %d)", self.spec.name, self.url, tasks,
                     self.engine.model_config.max_model_len)
+        # vLLM's Ray workers live in this replica's placement group; where they ran at start (None: no Ray workers).
+        self._placement = await asyncio.to_thread(_placement) if self._uses_ray_workers(engine_overrides) else None
+        self._broken: str | None = None
 
     async def _serve_http(self, app) -> tuple[str, Any]:
         """vLLM's app on a uvicorn server of this replica, on a port the OS picks; returns (URL, server)."""
@@ -109,6 +116,30 @@ class EngineServer:
             await asyncio.sleep(0.05)
         return f"http://{ray.util.get_node_ip_address()}:{sock.getsockname()[1]}", server
 
+    async def _sync_adapters(self) -> None:
+        """Loads the registry's run-time LoRA adapters that this replica lacks, unloads those no longer in it;
+        through vLLM's own load/unload routes of this replica's server."""
+        if not self.spec.lora_enabled:
+            return
+        import aiohttp
+
+        wanted = await asyncio.to_thread(adapters.registered, *self._registry)
+        async with aiohttp.ClientSession(self.url) as http:
+            async with http.get("/v1/models") as r:
+                cards = (await r.json())["data"]
+            loaded = {c["id"]: c["root"] for c in cards if c.get("parent")}
+            for name, path in wanted.items():
+                if name not in self.spec.lora_adapters and loaded.get(name) != path:
+                    body = {"lora_name": name, "lora_path": path, "load_inplace": name in loaded}
+                    await self._call_vllm(http, "/v1/load_lora_adapter", body)
+            for name in loaded.keys() - wanted.keys() - self.spec.lora_adapters.keys():
+                await self._call_vllm(http, "/v1/unload_lora_adapter", {"lora_name": name})
+
+    async def _call_vllm(self, http, path: str, body: dict[str, Any]) -> None:
+        async with http.post(path, json=body) as r:
+            if r.status != 200:  # e.g. an adapter's files gone since it was loaded elsewhere: serve the rest
+                logger.warning("model %s: %s %s failed: %s", self.spec.name, path, body, await r.text())
+
     def _publish(self, routes: list[str]) -> None:
         from ray import serve
 
@@ -120,11 +151,24 @@ class EngineServer:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
         if self._server_task.done():
             raise RuntimeError(f"model {self.spec.name!r}: the replica's HTTP server stopped")
+        if self._placement is not None and self._broken is None:
+            # A node holding some of vLLM's workers went away: vLLM shuts its executor down but its engine neither
+            # fails nor answers (requests hang), so only the placement group tells.
+            now = await asyncio.to_thread(_placement)
+            if now != self._placement:
+                self._broken = (f"model {self.spec.name!r}: its placement group changed from {self._placement} to "
+                                f"{now} (a node with vLLM workers was lost); replacing the replica")
+        if self._broken:
+            raise RuntimeError(self._broken)
         await self.engine.check_health()
 
     @staticmethod
+    def _uses_ray_workers(engine_overrides: dict[str, Any]) -> bool:
+        return engine_overrides.get("distributed_executor_backend") == "ray"
+
+    @staticmethod
     def _visible_gpus(engine_overrides: dict[str, Any]) -> int | None:
-        if engine_overrides.get("distributed_executor_backend") == "ray":
+        if EngineServer._uses_ray_workers(engine_overrides):
             return None  # the replica holds no GPU; vLLM's Ray workers do
         import ray
 
@@ -137,7 +181,8 @@ class EngineServer:
         if server is not None:
             replicas.unpublish(*self._key)
             await asyncio.sleep(2 * replicas.FOLLOW_INTERVAL_S)  # routers notice before the last request is counted
-            while self.http.count:  # Serve force-stops the replica after graceful_shutdown_timeout_s
+            # Serve force-stops the replica after graceful_shutdown_timeout_s; a broken engine would never finish.
+            while self.http.count and not getattr(self, "_broken", None):
                 await asyncio.sleep(0.1)
             server.should_exit = True
             await asyncio.wait([self._server_task], timeout=5)
@@ -145,3 +190,14 @@ class EngineServer:
         if engine is not None:
             engine.shutdown()
             self._errors.unlink(missing_ok=True)
+
+
+def _placement() -> tuple[str, dict] | None:
+    """(state, bundle index -> node id) of the calling replica's placement group; None outside one."""
+    from ray.util import get_current_placement_group, placement_group_table
+
+    group = get_current_placement_group()
+    if group is None:
+        return None
+    table = placement_group_table(group)
+    return table["state"], dict(table["bundles_to_node_id"])

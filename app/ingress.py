@@ -24,9 +24,11 @@ import aiohttp
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app import replicas
+from app.adapters import Adapter, AdapterTable, lora_base, register, unregister
 from app.config import AppConfig
-from app.errors import APIError, engine_failed, not_found, overloaded
+from app.errors import APIError, bad_request, engine_failed, not_found, overloaded
 from app.metrics import IngressMetrics, RequestRecord, merged_exposition
+from app.prefix_routing import affinity, prompt_text
 from app.replicas import NoCapacity, ReplicaPool
 from app.routing import check_limits, parse_json_object, require_api_key, route_request, spill_target, with_model
 
@@ -37,6 +39,8 @@ FORWARDED_HEADERS = {b"accept", b"endpoint-load-metrics-format", b"traceparent",
 HOP_HEADERS = {b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server",
                b"x-request-id"}
 ENGINE_CALL_TIMEOUT_S = 15.0
+LORA_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+ADAPTERS_REFRESH_S = 1.0  # how often routers re-read the run-time LoRA adapters (also at once on an unknown name)
 CONNECT_ATTEMPTS = 3
 
 
@@ -54,7 +58,8 @@ class Ingress:
         self._model_cards: dict[str, tuple[str, dict[str, Any]]] = {}  # model -> (replica asked, engine facts)
         self.in_flight: Counter[str] = Counter()  # requests this router replica has open, per model
         self.pools = {
-            m.name: ReplicaPool(m.name, m.deployment.max_ongoing_requests, m.deployment.max_queued_requests)
+            m.name: ReplicaPool(m.name, m.deployment.max_ongoing_requests, m.deployment.max_queued_requests,
+                                affinity=affinity(m.deployment.request_router))
             for m in config.models
         }
         self.routes = {
@@ -77,6 +82,8 @@ class Ingress:
             for model, running in (await self._running_replicas()).items():
                 self.pools[model].update(running)
         self._follow = asyncio.create_task(replicas.follow_replicas(self.pools, self._running_replicas))
+        self.adapters = AdapterTable(self.config, self.deployments, self.app_name)
+        self._follow_adapters = asyncio.create_task(self.adapters.follow(ADAPTERS_REFRESH_S))
         return ASGIApp(self.asgi)
 
     async def _running_replicas(self) -> dict[str, dict[str, dict]]:
@@ -111,6 +118,8 @@ class Ingress:
             except APIError as e:
                 response = e.response()
             return await response(scope, receive, send)
+        if scope["method"] == "POST" and scope["path"] in LORA_ROUTES:
+            return await self.lora_route(scope, receive, send)
         if scope["method"] != "POST":
             error = not_found(f"Not found: {scope['method']} {scope['path']}")
             return await error.response()(scope, receive, send)
@@ -120,7 +129,8 @@ class Ingress:
     async def list_models(self, scope) -> Response:
         require_api_key(_header(scope, b"authorization"), self.api_keys)
         cards = await asyncio.gather(*(self._model_card(m.name) for m in self.config.models))
-        return JSONResponse({"object": "list", "data": list(cards)})
+        await self.adapters.refresh()
+        return JSONResponse({"object": "list", "data": [*cards, *map(self._adapter_card, self.adapters.all())]})
 
     async def health(self, scope) -> Response:
         problems = {}
@@ -166,18 +176,21 @@ class Ingress:
             body = await self._read_body(scope, receive)
             payload = parse_json_object(body)
             served = {name: pool.routes for name, pool in self.pools.items() if pool.routes is not None}
-            routed = route_request(self.config, route, payload, served)
+            await self.adapters.learn(payload.get("model"))
+            routed = route_request(self.config, route, payload, served, self.adapters.bases())
             check_limits(payload, self.config.limits)
         except APIError as e:
             return await self._refuse(record, e, scope, receive, send)
-        model = spill_target(routed.model, self.config, self.in_flight)
+        # An adapter exists on its base model only: no spillover.
+        model = spill_target(routed.model, self.config, self.in_flight) if routed.adapter is None else routed.model
         if model is not routed.model:
             self.metrics.spillover.labels(routed.model.name, model.name).inc()
             body = with_model(payload, model.name)
         record.model, record.backend = model.name, self.backends[model.name]
         self.in_flight[model.name] += 1
         self.metrics.in_flight.labels(model.name).inc()
-        relay = asyncio.create_task(self._relay(scope, body, model.name, record, send))
+        prompt = prompt_text(route, payload) if self.pools[model.name].affinity is not None else None
+        relay = asyncio.create_task(self._relay(scope, body, model.name, record, send, prompt))
         disconnect = asyncio.create_task(_wait_for_disconnect(receive))
         try:
             await asyncio.wait([relay, disconnect], return_when=asyncio.FIRST_COMPLETED)
@@ -189,17 +202,19 @@ class Ingress:
             self.metrics.in_flight.labels(model.name).dec()
             record.finish(record.status or 499)
 
-    async def _relay(self, scope, body: bytes, model: str, record: RequestRecord, send) -> None:
+    async def _relay(self, scope, body: bytes, model: str, record: RequestRecord, send,
+                     prompt: str | None = None) -> None:
         headers = {"content-type": "application/json", "x-request-id": record.request_id}
         headers |= {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
         path = scope["path"] + (f"?{scope['query_string'].decode()}" if scope.get("query_string") else "")
         started = False
         try:
-            async with self._engine_response(self.pools[model], path, body, headers) as response:
+            async with self._engine_response(self.pools[model], path, body, headers, prompt) as (replica, response):
                 record.status = response.status
                 record.first_byte()
                 out = [(k, v) for k, v in response.raw_headers if k.lower() not in HOP_HEADERS]
                 out.append((b"x-served-by", model.encode()))  # Ray Serve's replica server adds x-request-id
+                out.append((b"x-served-by-replica", replica.replica_id.encode()))
                 await send({"type": "http.response.start", "status": response.status, "headers": out})
                 started = True
                 async for chunk in response.content.iter_any():
@@ -217,13 +232,14 @@ class Ingress:
             await send({"type": "http.response.body", "body": error.sse_event(), "more_body": False})
 
     @contextlib.asynccontextmanager
-    async def _engine_response(self, pool: ReplicaPool, path: str, body: bytes, headers: dict[str, str]):
-        """The engine's response, from the least loaded replica with a free slot, held until the block ends.
-        A refused connection reached no engine, so it is retried on another replica."""
+    async def _engine_response(self, pool: ReplicaPool, path: str, body: bytes, headers: dict[str, str],
+                               prompt: str | None = None):
+        """(replica, the engine's response) from a replica with a free slot (the pool's choice, given the prompt),
+        held until the block ends. A refused connection reached no engine, so it is retried on another replica."""
         timeout_s = self.config.limits.request_timeout_s
         for attempt in range(CONNECT_ATTEMPTS):
             try:
-                async with pool.slot(timeout_s) as replica:
+                async with pool.slot(timeout_s, prompt) as replica:
                     try:
                         async with asyncio.timeout(timeout_s):
                             response = await self.session.post(f"{replica.url}{path}", data=body, headers=headers)
@@ -236,7 +252,7 @@ class Ingress:
                         raise APIError(504, "The engine did not answer in time (limits.request_timeout_s).",
                                        "GatewayTimeoutError") from None
                     try:
-                        yield response
+                        yield replica, response
                     finally:
                         response.close()  # no-op once read; an unfinished one drops its connection (engine aborts)
                     return
@@ -264,6 +280,101 @@ class Ingress:
                 raise _too_large(limit)
             if not message.get("more_body"):
                 return bytes(body)
+
+    # LoRA adapters loaded at run time: recorded in the registry, then loaded by vLLM on every replica of the base.
+    async def lora_route(self, scope, receive, send) -> None:
+        try:
+            require_api_key(_header(scope, b"authorization"), self.api_keys)
+            payload = parse_json_object(await self._read_body(scope, receive))
+            load = scope["path"] == "/v1/load_lora_adapter"
+            response = await (self.load_adapter(payload) if load else self.unload_adapter(payload))
+        except APIError as e:
+            response = e.response()
+        await response(scope, receive, send)
+
+    async def load_adapter(self, payload: dict[str, Any]) -> Response:
+        """vLLM's load on every replica of the base model; recorded first, so that a replica starting meanwhile
+        loads it too. Unless every replica loaded it, it is undone everywhere and vLLM's error is the answer."""
+        name, path = payload.get("lora_name"), payload.get("lora_path")
+        if not (isinstance(name, str) and name and isinstance(path, str) and path):
+            raise bad_request("Both 'lora_name' and 'lora_path' must be provided.")
+        base = lora_base(self.config, payload.get("model"))
+        await self.adapters.refresh()
+        self.adapters.check_new(name, base)
+        previous, deployment = self.adapters.get(name), self.deployments[base.name]
+        await asyncio.to_thread(register, self.app_name, deployment, name, path)
+        body = {k: v for k, v in payload.items() if k != "model"}
+        answers = await self._on_replicas(base.name, "/v1/load_lora_adapter", body)
+        failed = [r for r in answers.values() if r.status_code != 200]
+        if answers and not failed:
+            await self.adapters.refresh()
+            return next(iter(answers.values()))
+        if previous is not None:  # a failed load_inplace: back to the previous weights
+            await asyncio.to_thread(register, self.app_name, deployment, name, previous.path)
+            undo = ("/v1/load_lora_adapter", {"lora_name": name, "lora_path": previous.path, "load_inplace": True})
+        else:
+            await asyncio.to_thread(unregister, self.app_name, deployment, name)
+            undo = ("/v1/unload_lora_adapter", {"lora_name": name})
+        loaded = {rid for rid, r in answers.items() if r.status_code == 200}
+        if loaded:
+            await self._on_replicas(base.name, *undo, only=loaded)
+        await self.adapters.refresh()
+        if failed:
+            return failed[0]
+        return overloaded(f"The model `{base.name}` has no running replica to load the adapter on.").response()
+
+    async def unload_adapter(self, payload: dict[str, Any]) -> Response:
+        """Out of the registry, then vLLM's unload on every replica of the base model."""
+        name = payload.get("lora_name")
+        if not (isinstance(name, str) and name):
+            raise bad_request("'lora_name' needs to be provided to unload a LoRA adapter.")
+        await self.adapters.refresh()
+        known = self.adapters.get(name)
+        if known is not None and known.listed:
+            raise bad_request(f"The lora adapter '{name}' is listed in the app's config; remove it there.",
+                              param="lora_name")
+        base = lora_base(self.config, payload.get("model", known.base if known else None))
+        if known is not None and known.base == base.name:
+            await asyncio.to_thread(unregister, self.app_name, self.deployments[base.name], name)
+        answers = await self._on_replicas(base.name, "/v1/unload_lora_adapter", {"lora_name": name})
+        await self.adapters.refresh()
+        unloaded = [r for r in answers.values() if r.status_code == 200]
+        if unloaded:
+            return unloaded[0]
+        if known is not None:  # out of the registry; no replica had it
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        return next(iter(answers.values()), not_found(f"The lora adapter '{name}' cannot be found.").response())
+
+    async def _on_replicas(self, model: str, path: str, body: dict[str, Any],
+                           only: set[str] | None = None) -> dict[str, Response]:
+        """vLLM's answer to POST `path` from each replica of `model` that published its URL (also those still
+        starting); a replica that refuses the connection is gone and left out."""
+        from ray.serve.context import _get_global_client
+
+        deployment = self.deployments[model]
+        details = await _get_global_client()._controller.get_serve_instance_details.remote()
+        listed = details.get("applications", {}).get(self.app_name, {}).get("deployments", {}).get(deployment, {})
+        alive = {r["replica_id"] for r in listed.get("replicas", [])}  # a killed replica's URL stays in the KV store
+        published = await asyncio.to_thread(replicas.published, self.app_name, deployment)
+        urls = {rid: info["url"] for rid, info in published.items() if rid in alive and (only is None or rid in only)}
+
+        async def call(url: str) -> Response | None:
+            try:
+                timeout = _timeout(self.config.limits.request_timeout_s)
+                async with self.session.post(f"{url}{path}", json=body, timeout=timeout) as r:
+                    return Response(await r.read(), r.status, media_type=r.headers.get("content-type"))
+            except aiohttp.ClientConnectorError:
+                return None
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return engine_failed(f"The engine failed to answer: {type(e).__name__}: {e}").response()
+
+        answers = await asyncio.gather(*(call(url) for url in urls.values()))
+        return {rid: answer for rid, answer in zip(urls, answers) if answer is not None}
+
+    def _adapter_card(self, adapter: Adapter) -> dict[str, Any]:
+        base = self.config.model(adapter.base)
+        return {"id": adapter.name, "object": "model", "created": self.created, "owned_by": "vllm",
+                "root": adapter.path, "parent": adapter.base, "task": base.task, "backend": self.backends[base.name]}
 
     async def _model_card(self, name: str) -> dict[str, Any]:
         """The model's card; engine facts (max_model_len) from one of its running replicas, asked again once that

@@ -3,20 +3,22 @@
 Engine replicas publish their URL in Ray's KV store under their Serve replica id. A router replica keeps one
 `ReplicaPool` per model: it follows the Serve controller's list of RUNNING replicas (a replica being stopped
 or replaced gets no new requests but finishes its own), picks the least loaded one, bounds each replica at
-`max_ongoing_requests` and the wait at `max_queued_requests` (then 503). Pure logic apart from the two
-lookups, which are injected so that tests can drive the pool without Ray.
+`max_ongoing_requests` and the wait at `max_queued_requests` (then 503); with a prefix-aware policy
+(`app.prefix_routing`) a prompt goes where its prefix went before, balanced against load. Pure logic apart from
+the two lookups, which are injected so that tests can drive the pool without Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from app.prefix_routing import PrefixAffinity
+from app import kv
 from app.routing import ServedRoutes
 
 logger = logging.getLogger("ray.serve")
@@ -27,35 +29,18 @@ FOLLOW_INTERVAL_S = 0.5  # how often routers re-read the running replicas
 NO_REPLICA_WAIT_S = 10.0  # a request for a model with no running replica waits this long for one (e.g. a restart)
 
 
-def replica_key(app: str, deployment: str, replica_id: str) -> str:
-    return f"{app}/{deployment}/{replica_id}"
-
-
 def publish(app: str, deployment: str, replica_id: str, url: str, routes: list[str]) -> None:
     """Announces a replica's HTTP server and the POST routes its vLLM app serves."""
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    info = json.dumps({"url": url, "routes": routes})
-    _internal_kv_put(replica_key(app, deployment, replica_id), info, namespace=KV_NAMESPACE)
+    kv.put(KV_NAMESPACE, app, deployment, replica_id, {"url": url, "routes": routes})
 
 
 def unpublish(app: str, deployment: str, replica_id: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del
-
-    _internal_kv_del(replica_key(app, deployment, replica_id), namespace=KV_NAMESPACE)
+    kv.delete(KV_NAMESPACE, app, deployment, replica_id)
 
 
 def published(app: str, deployment: str) -> dict[str, dict]:
     """replica id -> {"url", "routes"} of every replica of `deployment` that published itself."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
-
-    prefix = replica_key(app, deployment, "")
-    urls = {}
-    for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE):
-        value = _internal_kv_get(key, namespace=KV_NAMESPACE)
-        if value:
-            urls[key.decode()[len(prefix):]] = json.loads(value)
-    return urls
+    return kv.records(KV_NAMESPACE, app, deployment)
 
 
 class NoCapacity(Exception):
@@ -84,6 +69,7 @@ class ReplicaPool:
     waiting: int = 0
     routes: ServedRoutes | None = None  # known once a replica published them
     problem: str | None = None  # Ray Serve's message while the deployment is not healthy
+    affinity: PrefixAffinity | None = None  # prefix-aware choice (deployment.request_router); None: least loaded
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def update(self, running: dict[str, dict]) -> None:
@@ -97,25 +83,34 @@ class ReplicaPool:
                 self.replicas[replica_id] = Replica(replica_id, info["url"])
             if self.routes is None or self.routes.templates != sorted(info["routes"]):
                 self.routes = ServedRoutes(info["routes"])
+        if self.affinity is not None:
+            self.affinity.follow(self.replicas)
         self._notify()
 
     def urls(self) -> dict[str, str]:
         return {r.replica_id: r.url for r in self.replicas.values()}
 
-    def pick(self) -> Replica | None:
-        """The least loaded available replica with a free slot."""
+    def pick(self, prompt: str | None = None) -> Replica | None:
+        """An available replica with a free slot: the least loaded, or the prefix-aware choice for `prompt`."""
         now = time.monotonic()
         free = [r for r in self.replicas.values() if r.available(now) and r.ongoing < self.max_ongoing]
-        return min(free, key=lambda r: r.ongoing) if free else None
+        if not free:
+            return None
+        if self.affinity is None or not prompt:
+            return min(free, key=lambda r: r.ongoing)
+        return self.affinity.choose(free, prompt)
 
     @contextlib.asynccontextmanager
-    async def slot(self, timeout_s: float):
-        """A replica with a free slot, held for the block; waits in a bounded queue, else NoCapacity."""
-        replica = self.pick()
+    async def slot(self, timeout_s: float, prompt: str | None = None):
+        """A replica with a free slot, held for the block; waits in a bounded queue, else NoCapacity.
+        `prompt`: the text the request prefills, for prefix-aware choice."""
+        replica = self.pick(prompt)
         if replica is None:
             if 0 <= self.max_queued <= self.waiting:
                 raise NoCapacity(self._why())
-            replica = await self._wait(timeout_s if self.replicas else min(timeout_s, NO_REPLICA_WAIT_S))
+            replica = await self._wait(timeout_s if self.replicas else min(timeout_s, NO_REPLICA_WAIT_S), prompt)
+        if self.affinity is not None and prompt:
+            self.affinity.record(prompt, replica.replica_id)
         replica.ongoing += 1
         try:
             yield replica
@@ -128,11 +123,11 @@ class ReplicaPool:
         replica.down_since = time.monotonic()
         logger.warning("model %s: replica %s at %s refused a connection", self.model, replica.replica_id, replica.url)
 
-    async def _wait(self, timeout_s: float) -> Replica:
+    async def _wait(self, timeout_s: float, prompt: str | None) -> Replica:
         self.waiting += 1
         try:
             async with asyncio.timeout(timeout_s), self._changed:
-                while (replica := self.pick()) is None:
+                while (replica := self.pick(prompt)) is None:
                     await self._changed.wait()
                 return replica
         except TimeoutError:

@@ -30,6 +30,7 @@ class ServedRoutes:
 class RoutedRequest:
     model: ModelSpec
     stream: bool
+    adapter: str | None = None  # the LoRA adapter named in `model`; `model` is then its base
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -45,10 +46,13 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 
 def route_request(config: AppConfig, route: str, payload: dict[str, Any],
-                  served: Mapping[str, ServedRoutes]) -> RoutedRequest:
-    """The model named by `payload` (or the only model that serves `route` when none is named).
+                  served: Mapping[str, ServedRoutes], adapters: Mapping[str, str] | None = None) -> RoutedRequest:
+    """The model named by `payload` (or the only model that serves `route` when none is named); a LoRA adapter's
+    name (`adapters`: adapter -> base model) routes to its base model.
 
     `served` holds the routes of each model whose replicas are up; a model not in it is still starting."""
+    adapters = adapters or {}
+    adapter = None
     able = [m for m in config.models if m.name in served and route in served[m.name]]
     name = payload.get("model")
     if name is None:
@@ -61,10 +65,11 @@ def route_request(config: AppConfig, route: str, payload: dict[str, Any],
         raise bad_request("'model' must be a string.", param="model")
     else:
         model = config.model(name)
+        if model is None and name in adapters:
+            model, adapter = config.model(adapters[name]), name
         if model is None:
-            raise not_found(
-                f"The model `{name}` does not exist. Available: {[m.name for m in config.models]}", param="model"
-            )
+            available = [m.name for m in config.models] + sorted(adapters)
+            raise not_found(f"The model `{name}` does not exist. Available: {available}", param="model")
     if model.name in served and route not in served[model.name]:
         if not able:
             raise not_found(f"No model serves POST {route}.")
@@ -75,7 +80,7 @@ def route_request(config: AppConfig, route: str, payload: dict[str, Any],
     stream = payload.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise bad_request("'stream' must be a boolean.", param="stream")
-    return RoutedRequest(model, bool(stream))
+    return RoutedRequest(model, bool(stream), adapter)
 
 
 def check_limits(payload: dict[str, Any], limits: RequestLimits) -> None:

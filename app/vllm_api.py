@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import warnings
 from typing import Any
 
@@ -30,10 +31,13 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 
-def server_args(model: str, served_name: str, overrides: dict[str, Any]) -> argparse.Namespace:
-    """The argument namespace `vllm serve <model>` would build, with `overrides` applied by vLLM name."""
+def server_args(model: str, served_name: str, overrides: dict[str, Any],
+                lora_modules: dict[str, str] | None = None) -> argparse.Namespace:
+    """The argument namespace `vllm serve <model> [--lora-modules ...]` would build, with `overrides` applied by
+    vLLM name. `lora_modules`: adapter name -> path, loaded by vLLM at start and listed with this model as parent."""
     parser = make_arg_parser(FlexibleArgumentParser())
-    args = parser.parse_args(["--model", model])
+    adapters = [json.dumps({"name": name, "path": path}) for name, path in (lora_modules or {}).items()]
+    args = parser.parse_args(["--model", model, *(["--lora-modules", *adapters] if adapters else [])])
     unknown = sorted(set(overrides) - set(vars(args)))
     if unknown:
         raise ValueError(f"unknown vLLM engine argument(s) {unknown}; use the names of `vllm serve --help`")

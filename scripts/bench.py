@@ -6,6 +6,11 @@ Writes benchmarks/<name>.json and .md (and a PNG if matplotlib is installed), ra
 
     .venv/bin/python scripts/bench.py                    # everything (about 10 minutes on 2 cores)
     .venv/bin/python scripts/bench.py --systems app,vllm --skip-embeddings
+    .venv/bin/python scripts/bench.py --routing         # only: least_loaded vs prefix_aware replica choice
+
+`--routing` starts the app with two tiny-chat replicas (serve_configs/cpu-2replicas.yaml) once per policy and round
+(cold caches each time, rounds alternate the order) and drives it with vLLM's `prefix_repetition` dataset; the
+prefix-cache hit rate comes from vLLM's own counters, summed over the replicas (benchmarks/routing-bench.*).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import tempfile
 import time
 
 import httpx
+import yaml
 
 from launch import ROOT, Server, free_port, haproxy_ports, serve_run
 
@@ -98,14 +104,20 @@ def chat_benches(url: str, workdir: pathlib.Path, label: str, args) -> dict:
 
 def chat_bench(url: str, workdir: pathlib.Path, label: str, args, streams: int, prompts: int) -> dict:
     """vLLM's own benchmark client against `url`: streaming chat, random tokens, fixed lengths."""
+    return vllm_bench(url, workdir, label, streams, prompts, "--dataset-name", "random",
+                      "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+                      "--num-warmups", str(streams))
+
+
+def vllm_bench(url: str, workdir: pathlib.Path, label: str, streams: int, prompts: int, *dataset: str) -> dict:
+    """`vllm bench serve` (streaming chat, --ignore-eos) with the given dataset arguments; its main figures."""
     import subprocess
 
     out = workdir / f"chat-{label}.json"
     cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", url, "--model", CHAT_MODEL,
-           "--tokenizer", str(CHAT_PATH), "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
-           "--max-concurrency", str(streams), "--ignore-eos", "--num-warmups", str(streams),
+           "--tokenizer", str(CHAT_PATH), *dataset, "--num-prompts", str(prompts),
+           "--max-concurrency", str(streams), "--ignore-eos",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-dir", str(workdir), "--result-filename", out.name]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=(workdir / f"chat-{label}.log").open("wb"),
@@ -224,6 +236,133 @@ def plot(report: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# --routing: the router's replica choice on 2 tiny-chat replicas; prompts share long prefixes (many system prompts).
+ROUTING_CONFIG = ROOT / "serve_configs" / "cpu-2replicas.yaml"
+POLICIES = ("least_loaded", "prefix_aware")
+PREFIX_WORKLOAD = {"prefix_len": 1024, "suffix_len": 32, "num_prefixes": 32, "output_len": 16, "prompts": 256,
+                   "streams": 8}
+COUNTERS = {"vllm:prefix_cache_hits": "hits", "vllm:prefix_cache_queries": "queries",
+            "vllm:request_success": "requests"}
+
+
+def policy_config(policy: str, path: pathlib.Path) -> pathlib.Path:
+    """ROUTING_CONFIG with every model's request_router policy set to `policy`."""
+    text = yaml.safe_load(ROUTING_CONFIG.read_text())
+    for model in text["applications"][0]["args"]["models"]:
+        model["deployment"]["request_router"] = {**model["deployment"].get("request_router", {}), "policy": policy}
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    return path
+
+
+def engine_counters(url: str) -> dict[str, dict[str, float]]:
+    """replica id -> vLLM's prefix-cache hits and queries (tokens) and finished requests, from the app's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        for sample in family.samples if family.name in COUNTERS else []:
+            if sample.name.endswith("_total"):
+                replica = counts.setdefault(sample.labels["replica"], dict.fromkeys(COUNTERS.values(), 0.0))
+                replica[COUNTERS[family.name]] += sample.value
+    return counts
+
+
+def routing_bench(url: str, workdir: pathlib.Path, label: str) -> dict:
+    """Both replicas up and warm (short random prompts), then the prefix_repetition workload; vLLM's figures plus
+    the prefix-cache hit rate and the requests each replica finished, counted over the workload alone."""
+    deadline = time.monotonic() + 600
+    while len(engine_counters(url)) < 2:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the second replica did not come up")
+        time.sleep(2)
+    vllm_bench(url, workdir, f"{label}-warmup", 8, 32, "--dataset-name", "random", "--random-input-len", "64",
+               "--random-output-len", "8")
+    w = PREFIX_WORKLOAD
+    before = engine_counters(url)
+    result = vllm_bench(url, workdir, label, w["streams"], w["prompts"], "--dataset-name", "prefix_repetition",
+                        "--prefix-repetition-prefix-len", str(w["prefix_len"]),
+                        "--prefix-repetition-suffix-len", str(w["suffix_len"]),
+                        "--prefix-repetition-num-prefixes", str(w["num_prefixes"]),
+                        "--prefix-repetition-output-len", str(w["output_len"]),
+                        "--num-warmups", "0", "--ready-check-timeout-sec", "0")
+    after = engine_counters(url)
+    delta = {rid: {k: v - before.get(rid, {}).get(k, 0.0) for k, v in c.items()} for rid, c in after.items()}
+    hits, queries = (sum(c[k] for c in delta.values()) for k in ("hits", "queries"))
+    return result | {"prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,
+                     "requests_per_replica": sorted((int(c["requests"]) for c in delta.values()), reverse=True)}
+
+
+def routing_runs(rounds: int, workdir: pathlib.Path, progress) -> dict:
+    """Each policy once per round on a fresh app; rounds alternate which policy goes first."""
+    runs = []
+    for round_ in range(rounds):
+        for policy in POLICIES if round_ % 2 == 0 else POLICIES[::-1]:
+            label, run = f"{policy}-{round_ + 1}", {"policy": policy, "round": round_ + 1}
+            try:
+                runs.append(run | measure_started(label, workdir, policy, progress))
+            except (RuntimeError, TimeoutError) as e:  # e.g. an app that did not start on an overloaded machine
+                progress(f"{label}: no result, left out of the means: {str(e).splitlines()[0]}")
+                runs.append(run | {"error": str(e).splitlines()[0]})
+    return runs
+
+
+def measure_started(label: str, workdir: pathlib.Path, policy: str, progress, attempts: int = 3) -> dict:
+    """`measure` of a fresh app; an app that exits while starting (Serve's proxy start times out on a loaded
+    machine) is started again."""
+    for attempt in range(1, attempts + 1):
+        server = serve_run(policy_config(policy, workdir / f"routing-{label}-{attempt}.yaml"), workdir)
+        try:
+            return measure(label, server, lambda url: routing_bench(url, workdir, label), progress)
+        except RuntimeError as e:
+            if attempt == attempts or "exited with" not in str(e):  # launch.Server.wait_ready's words
+                raise
+            progress(f"{label}: the app exited while starting ({str(e).splitlines()[-1][:200]}); starting it again")
+
+
+ROUTING_KEYS = ("prefix_cache_hit_rate", "p50_ttft_ms", "p99_ttft_ms", "output_throughput", "request_throughput")
+
+
+def routing_summary(runs: list[dict]) -> dict:
+    """Per policy: the mean of its runs that finished; ratios prefix_aware / least_loaded."""
+    done = [r for r in runs if "error" not in r]
+    means = {policy: {k: round(statistics.mean(r[k] for r in done if r["policy"] == policy), 4) for k in ROUTING_KEYS}
+             for policy in POLICIES}
+    ratios = {k: ratio(means["prefix_aware"][k], means["least_loaded"][k]) for k in ROUTING_KEYS}
+    return {"workload": PREFIX_WORKLOAD, "runs": runs, "means": means, "ratios_prefix_aware_over_least_loaded": ratios}
+
+
+def routing_markdown(report: dict) -> str:
+    w = report["workload"]
+    setup = (f"Two tiny-chat replicas on CPU (serve_configs/cpu-2replicas.yaml: num_cpus 0.5, kv_cache_gib 1, "
+             f"max_model_len 2048, vLLM prefix caching on), one fresh app per run, {report['machine']}. "
+             f"`vllm bench serve`, `prefix_repetition` dataset: {w['num_prefixes']} prefixes of {w['prefix_len']} "
+             f"tokens, {w['suffix_len']}-token suffixes, {w['output_len']} tokens out, {w['prompts']} requests at "
+             f"{w['streams']} streams. Hit rate: vLLM's `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` "
+             f"summed over the replicas, counted over the workload only (after a short random-prompt warm-up).")
+    head = ["| policy | round | prefix-cache hit rate | TTFT p50 ms | TTFT p99 ms | output tok/s | req/s | "
+            "requests per replica |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [f"| {r['policy']} | {r['round']} | {r['prefix_cache_hit_rate']:.1%} | {r['p50_ttft_ms']} | "
+            f"{r['p99_ttft_ms']} | {r['output_throughput']} | {r['request_throughput']} | "
+            f"{' / '.join(map(str, r['requests_per_replica']))} |" if "error" not in r else
+            f"| {r['policy']} | {r['round']} | no result: {r['error'][:80]} | | | | | |" for r in report["runs"]]
+    means = ["", "| mean | prefix-cache hit rate | TTFT p50 ms | TTFT p99 ms | output tok/s | req/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    means += [f"| {p} | {m['prefix_cache_hit_rate']:.1%} | {m['p50_ttft_ms']} | {m['p99_ttft_ms']} | "
+              f"{m['output_throughput']} | {m['request_throughput']} |" for p, m in report["means"].items()]
+    ratios = report["ratios_prefix_aware_over_least_loaded"]
+    means.append(f"| prefix_aware / least_loaded | {ratios['prefix_cache_hit_rate']} | {ratios['p50_ttft_ms']} | "
+                 f"{ratios['p99_ttft_ms']} | {ratios['output_throughput']} | {ratios['request_throughput']} |")
+    return "\n".join([setup, "", *head, *rows, *means, ""])
+
+
+def write_report(report: dict, name: str, text: str) -> None:
+    out = ROOT / "benchmarks"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(text)
+    print(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default="app,vllm,ray,ray-fast", help="comma list of app, vllm, ray, ray-fast")
@@ -236,12 +375,19 @@ def main() -> int:
     parser.add_argument("--embed-concurrency", type=int, default=8)
     parser.add_argument("--skip-embeddings", action="store_true")
     parser.add_argument("--config", type=pathlib.Path, default=ROOT / "serve_configs" / "cpu.yaml")
-    parser.add_argument("--name", default="cpu-bench", help="output name under benchmarks/")
+    parser.add_argument("--name", default=None, help="output name under benchmarks/ (cpu-bench, routing-bench)")
+    parser.add_argument("--routing", action="store_true", help="only the replica-routing benchmark")
+    parser.add_argument("--routing-rounds", type=int, default=2, help="app starts per policy (--routing)")
     args = parser.parse_args()
     systems = args.systems.split(",")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-"))
     progress = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
     progress(f"logs in {workdir}")
+    machine = {"machine": f"{__import__('os').cpu_count()} cores", "date": time.strftime("%F")}
+    if args.routing:
+        report = routing_summary(routing_runs(args.routing_rounds, workdir, progress)) | machine
+        write_report(report, args.name or "routing-bench", routing_markdown(report))
+        return 0
 
     def chat(url):
         return chat_benches(url, workdir, label, args)
@@ -268,13 +414,10 @@ def main() -> int:
         label = "ray-serve-llm-fast"
         results["ray-serve-llm-fast"] = measure(label, ray_serve_llm(workdir, fast=True), chat, progress)
 
-    report = summarize(results) | {"machine": f"{__import__('os').cpu_count()} cores", "date": time.strftime("%F")}
-    out = ROOT / "benchmarks"
-    out.mkdir(exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{args.name}.md").write_text(markdown(report, args))
-    plot(report, out / f"{args.name}.png")
-    print(markdown(report, args))
+    report = summarize(results) | machine
+    name = args.name or "cpu-bench"
+    write_report(report, name, markdown(report, args))
+    plot(report, ROOT / "benchmarks" / f"{name}.png")
     return 0
 
 

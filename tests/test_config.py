@@ -277,6 +277,19 @@ def test_serve_options_autoscaling(num_replicas):
     assert chosen["autoscaling_config"] == autoscaling
 
 
+def test_request_router_is_the_routers_setting_not_a_serve_option():
+    spec = ModelSpec(name="m", source="x", deployment={"num_replicas": 2, "request_router": "prefix_aware"})
+    assert spec.deployment.request_router.policy == "prefix_aware"  # a policy name alone keeps the defaults
+    assert spec.deployment.request_router.match_rate_threshold == 0.1
+    assert "request_router" not in serve_options(spec.deployment)
+    assert ModelSpec(name="m", source="x").deployment.request_router.policy == "least_loaded"
+    with pytest.raises(ValidationError, match="eviction_target_chars"):
+        ModelSpec(name="m", source="x", deployment={"request_router": {
+            "policy": "prefix_aware", "eviction_threshold_chars": 10, "eviction_target_chars": 20}})
+    with pytest.raises(ValidationError, match="least_loaded"):
+        ModelSpec(name="m", source="x", deployment={"request_router": "round_robin"})
+
+
 def test_serve_options_without_replicas_leaves_them_out():
     assert "num_replicas" not in serve_options(DeploymentOptions(num_replicas=None))
 
@@ -386,3 +399,68 @@ def test_fallback_must_serve_the_same_task():
             {"name": "chat", "source": "x", "fallback": "emb"},
             {"name": "emb", "source": "y", "task": "embed"},
         ]})
+
+
+# --- LoRA adapters ----------------------------------------------------------------------------------
+
+
+def test_lora_adapters_turn_lora_on():
+    assert ModelSpec(name="m", source="x", lora_adapters={"a": "org/a-lora"}).lora_enabled
+    assert ModelSpec(name="m", source="x", engine_args={"enable_lora": True}).lora_enabled
+    assert not ModelSpec(name="m", source="x").lora_enabled
+
+
+def test_lora_adapters_with_lora_turned_off_are_refused():
+    message = config_error(one_model(lora_adapters={"a": "p"}, engine_args={"enable_lora": False}))
+    assert "enable_lora" in message and "models.0" in message
+
+
+def test_lora_adapter_names_are_unique_across_models():
+    message = config_error({"models": [{"name": "m1", "source": "x", "lora_adapters": {"a": "p"}},
+                                       {"name": "m2", "source": "y", "lora_adapters": {"a": "q"}}]})
+    assert "'a'" in message and "unique" in message and "'m1'" in message and "'m2'" in message
+
+
+def test_lora_adapter_may_not_take_a_model_name():
+    message = config_error({"models": [{"name": "m1", "source": "x", "lora_adapters": {"m2": "p"}},
+                                       {"name": "m2", "source": "y"}]})
+    assert "'m2'" in message and "name of a model" in message
+
+
+def test_lora_adapter_name_may_not_be_empty():
+    assert "empty" in config_error(one_model(lora_adapters={"": "p"}))
+
+
+def test_lora_adapter_paths_resolve_like_sources(tmp_path, monkeypatch):
+    (tmp_path / "adapters" / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    spec = ModelSpec(name="m", source="x", lora_adapters={"a": "adapters/a", "hub": "org/some-lora"})
+    assert spec.resolved_lora_adapters() == {"a": str(tmp_path / "adapters" / "a"), "hub": "org/some-lora"}
+
+
+def test_lora_engine_gets_enable_lora_and_runtime_updates(monkeypatch):
+    from app.backend import BackendChoice, ClusterFacts
+    from app.builder import engine_deployment
+
+    monkeypatch.setitem(sys.modules, "app.vllm_api", None)
+    spec = ModelSpec(name="m", source="x", backend="cpu", lora_adapters={"a": "p"}, engine_args={"max_loras": 2})
+    bound = engine_deployment(spec, BackendChoice("cpu", "test"), ClusterFacts(gpus=0, vllm_build="cuda"))
+    engine_spec, overrides = bound._bound_deployment.init_args
+    assert overrides == {"max_loras": 2, "enable_lora": True}
+    assert engine_spec["lora_adapters"] == {"a": "p"}
+    env = bound._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    plain = engine_deployment(ModelSpec(name="m", source="x", backend="cpu"), BackendChoice("cpu", "test"),
+                              ClusterFacts(gpus=0, vllm_build="cuda"))
+    assert "enable_lora" not in plain._bound_deployment.init_args[1]
+    plain_env = plain._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plain_env
+
+
+def test_lora_modules_reach_vllm_as_vllm_serve_would_parse_them(vllm_names):
+    from app.vllm_api import server_args
+
+    args = server_args("models/tiny-chat", "tiny-chat", {"enable_lora": True}, {"a": "/p/a", "b=c": "/p,q"})
+    assert [(m.name, m.path, m.base_model_name) for m in args.lora_modules] == [("a", "/p/a", None),
+                                                                               ("b=c", "/p,q", None)]
+    assert server_args("models/tiny-chat", "tiny-chat", {}).lora_modules is None

@@ -85,9 +85,12 @@ def two_node_cluster(monkeypatch):
     node_args = {"num_cpus": 2, "resources": {"cpu_device": 1}, "include_dashboard": False}
     # A private temp dir: other Ray users on this machine (address="auto") must not find this cluster.
     temp_dir = tempfile.mkdtemp(prefix="rtcpu-")
-    cluster = local_ray_cluster(**node_args, temp_dir=temp_dir)
+    # The head alone has `head_node`: the test pins the router there, so that losing the other node is an engine's loss.
+    cluster = local_ray_cluster(**{**node_args, "resources": {"cpu_device": 1, "head_node": 1}}, temp_dir=temp_dir)
     try:
-        cluster.add_node(**node_args, temp_dir=temp_dir, env_vars={"VLLM_HOST_IP": "127.0.0.2"})
+        cluster.add_device_node = lambda: cluster.add_node(**node_args, temp_dir=temp_dir,
+                                                           env_vars={"VLLM_HOST_IP": "127.0.0.2"})
+        cluster.add_device_node()
         ray.init(address=cluster.address)
         yield cluster
     finally:
@@ -116,6 +119,7 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
     if not plugin_installed():
         pytest.skip(f"entry point {ENTRY_POINT} not installed (pip install -e .)")
     import httpx
+    import openai
     import ray
     from openai import OpenAI
     from ray import serve
@@ -138,7 +142,7 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
         split,
         {"name": "tiny-one", "source": str(TINY_CHAT), "backend": "cpu", "engine_args": ENGINE,
          "env": on_cluster, "deployment": {"num_cpus": 0.5}},
-    ]}
+    ], "ingress": {"resources": {"head_node": 0.01}}}
     started = time.monotonic()
     serve.run(build_app(args), name="llm", route_prefix="/")
     print(f"app running after {time.monotonic() - started:.0f}s")
@@ -171,3 +175,33 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
                           if a["ActorClassName"] == "CpuRayWorkerWrapper" and a["State"] == "ALIVE")
     print("vLLM Ray workers on nodes", worker_nodes)
     assert len(worker_nodes) == 2 and set(worker_nodes) == nodes
+
+    # The second node dies mid-stream: the client's stream ends with an error instead of hanging (vLLM alone would
+    # hang: it stops its executor but never fails the engine), /health names the model, and once a node is back
+    # Serve's replacement replica serves the same answers.
+    stream = client.completions.create(model="tiny-split", prompt="go", max_tokens=240, stream=True, timeout=300,
+                                       extra_body={"ignore_eos": True})
+    received = [next(iter(stream))]
+    two_node_cluster.remove_node(next(iter(two_node_cluster.worker_nodes)), allow_graceful=False)
+    lost = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for chunk in stream:
+            received.append(chunk)
+    print(f"stream ended with an error {time.monotonic() - lost:.0f}s after the node was lost, "
+          f"after {len(received)} chunks")
+    assert len(received) < 240
+    deadline = time.monotonic() + 120
+    while (health := httpx.get(f"{base_url}/health", timeout=30)).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert health.status_code == 503 and "tiny-split" in health.json()["models"], health.text
+    two_node_cluster.add_device_node()
+    back = time.monotonic()
+    deadline = back + 400
+    while True:
+        try:
+            assert greedy(client, "tiny-split", prompt) == (split_tokens, split_logprobs)
+            break
+        except openai.APIError:
+            assert time.monotonic() < deadline, "no replacement replica served within 400 s of the node's return"
+            time.sleep(5)
+    print(f"serving again {time.monotonic() - back:.0f}s after a node came back")

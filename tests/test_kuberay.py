@@ -47,6 +47,7 @@ TWO_IMAGE_MANIFESTS = ["gpu-single.yaml", "mixed.yaml"]
 RENDER_FLAGS = {
     "serve_configs/cpu.yaml": ["--cpu-workers", "1"],
     "serve_configs/cpu-spillover.yaml": ["--cpu-workers", "1"],
+    "serve_configs/cpu-2replicas.yaml": ["--cpu-workers", "1"],
     "serve_configs/gpu-single.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1", "--cpu-workers", "1"],
     "serve_configs/gpu-multinode.yaml": ["--gpu-workers", "2", "--gpus-per-worker", "8"],
     "serve_configs/gpu-device.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1"],

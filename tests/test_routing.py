@@ -303,3 +303,23 @@ def test_limits_refuse_with_400_naming_the_limit(payload, names):
 )
 def test_limits_let_requests_within_them_through(payload):
     check_limits(payload, LIMITS)
+
+
+# --- LoRA adapters ----------------------------------------------------------------------------------
+
+
+def test_adapter_name_routes_to_its_base_model(config, served):
+    routed = route_request(config, CHAT, {"model": "a-lora", "messages": []}, served, {"a-lora": "chat-b"})
+    assert routed.model is config.model("chat-b") and routed.adapter == "a-lora"
+    assert route_request(config, CHAT, {"model": "chat-b"}, served, {"a-lora": "chat-b"}).adapter is None
+
+
+def test_adapter_on_a_route_its_base_lacks_is_400(config, served):
+    error = api_error(route_request, config, EMBED, {"model": "a-lora", "input": "x"}, served, {"a-lora": "chat-a"})
+    assert_openai_body(error, 400, "BadRequestError", "model")
+
+
+def test_unknown_name_is_404_and_lists_adapters(config, served):
+    error = api_error(route_request, config, CHAT, {"model": "b-lora"}, served, {"a-lora": "chat-a"})
+    message = assert_openai_body(error, 404, "NotFoundError", "model")
+    assert "b-lora" in message and "a-lora" in message

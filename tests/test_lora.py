@@ -1,0 +1,177 @@
+"""Multi-LoRA on the real app: a config-listed adapter, adapters loaded and unloaded at run time on every replica,
+and greedy output equal to `vllm serve --enable-lora --lora-modules` on the same files."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, NotFoundError, OpenAI
+
+from conftest import ROOT, import_script, running, serve_run
+
+# vllm serve, then the app with two replicas, start within the first test: slow on a busy 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+
+BASE, ADAPTER, RUNTIME = "tiny-chat", "tiny-lora", "tiny-lora-2"
+BASE_PATH, ADAPTER_PATH = ROOT / "models" / "tiny-chat", ROOT / "models" / "tiny-chat-lora"
+PROMPTS = ["The weather today", "def main():"]
+REPLICA_HEADER = "x-served-by-replica"
+BATCHES = itertools.count()
+
+
+def greedy(client: OpenAI, model: str, prompt: str) -> tuple[str, list[str], list[float]]:
+    choice = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, logprobs=1,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    return choice.text, choice.logprobs.tokens, choice.logprobs.token_logprobs
+
+
+def openai_client(url: str) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[tuple[str, str], tuple]:
+    """Greedy answers of `vllm serve` with the config's adapter; run (and stopped) before the app starts."""
+    bench = import_script("bench")
+    server = bench.vllm_serve(str(BASE_PATH), BASE, tmp_path_factory.mktemp("vllm-lora"), "--max-model-len", "2048",
+                              "--enable-lora", "--max-loras", "2", "--lora-modules", f"{ADAPTER}={ADAPTER_PATH}")
+    with running(server):
+        client = openai_client(server.url)
+        return {(model, p): greedy(client, model, p) for model in (BASE, ADAPTER) for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("lora") / "tiny-chat-lora-2"
+    assert import_script("make_tiny_lora").main(["--base", str(BASE_PATH), "--out", str(out), "--seed", "1"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def app(reference, tmp_path_factory):
+    with running(serve_run(ROOT / "tests" / "configs" / "lora.yaml", tmp_path_factory.mktemp("lora-app"))) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def client(app) -> OpenAI:
+    return openai_client(app.url)
+
+
+def served_by(app, model: str, requests: int = 8) -> list[tuple[int, str | None, str | None]]:
+    """(status, replica, text) of concurrent greedy requests (new prompts each time: with prefix-aware routing a
+    prompt seen before would go back to its replica); concurrency spreads them over the least loaded replicas."""
+    batch = next(BATCHES)
+    async def run():
+        client = AsyncOpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(i):
+            try:
+                raw = await client.completions.with_raw_response.create(
+                    model=model, prompt=f"{batch}.{i} {PROMPTS[0]}", max_tokens=16, temperature=0,
+                    extra_body={"ignore_eos": True})
+            except Exception as e:  # noqa: BLE001 - a replica killed mid-request; the caller waits for the condition
+                return getattr(e, "status_code", 0), None, None
+            return raw.status_code, raw.headers.get(REPLICA_HEADER), raw.parse().choices[0].text
+
+        async with client:
+            return await asyncio.gather(*(one(i) for i in range(requests)))
+
+    return asyncio.run(run())
+
+
+def wait_for(condition, timeout_s: float = 900, what: str = "condition"):
+    """Polls `condition()` until it returns something truthy; returns it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def both_replicas_answer(app, model: str) -> set[str] | None:
+    """The replicas that answered `model`, once two different ones did and none refused it."""
+    answers = served_by(app, model)
+    ok = all(status == 200 and text for status, _, text in answers)
+    replicas = {replica for _, replica, _ in answers}
+    return replicas if ok and len(replicas) >= 2 else None
+
+
+def load(app, body: dict) -> httpx.Response:
+    return httpx.post(f"{app.url}/v1/load_lora_adapter", json=body, timeout=300)
+
+
+def unload(app, body: dict) -> httpx.Response:
+    return httpx.post(f"{app.url}/v1/unload_lora_adapter", json=body, timeout=300)
+
+
+def test_models_list_the_adapter_with_its_parent(client):
+    cards = {m.id: m.model_dump() for m in client.models.list().data}
+    assert cards[ADAPTER]["parent"] == BASE and cards[ADAPTER]["root"] == "models/tiny-chat-lora"
+    assert cards[BASE]["parent"] is None
+
+
+def test_adapter_output_differs_from_the_base_and_equals_vllm_serve(client, reference):
+    for prompt in PROMPTS:
+        base, adapted = greedy(client, BASE, prompt), greedy(client, ADAPTER, prompt)
+        assert adapted[0] != base[0]
+        for model, ours in ((BASE, base), (ADAPTER, adapted)):
+            text, tokens, logprobs = reference[(model, prompt)]
+            assert (ours[0], ours[1]) == (text, tokens), model
+            assert ours[2] == pytest.approx(logprobs, abs=1e-4), model
+
+
+def test_a_runtime_adapter_reaches_every_replica_also_a_new_one(app, client, second_adapter):
+    wait_for(lambda: both_replicas_answer(app, BASE), what="both replicas of the base model")
+    r = load(app, {"lora_name": RUNTIME, "lora_path": second_adapter})
+    assert r.status_code == 200, r.text
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards[RUNTIME].model_dump()["parent"] == BASE and cards[RUNTIME].model_dump()["root"] == second_adapter
+
+    text = greedy(client, RUNTIME, PROMPTS[0])[0]
+    assert text not in (greedy(client, BASE, PROMPTS[0])[0], greedy(client, ADAPTER, PROMPTS[0])[0])
+    before = wait_for(lambda: both_replicas_answer(app, RUNTIME), what="the adapter on both replicas")
+
+    victim = sorted(app.descendant_pids(f"ServeReplica:llm:{BASE}"))[0]
+    os.kill(victim, signal.SIGKILL)  # Serve replaces it; the new replica loads the adapter before it is routable
+    after = wait_for(lambda: (r := both_replicas_answer(app, RUNTIME)) and r - before,
+                     what="a replacement replica answering with the run-time adapter")
+    assert after
+
+
+def test_unload_removes_the_adapter(app, client, second_adapter):
+    if RUNTIME not in {m.id for m in client.models.list().data}:
+        assert load(app, {"lora_name": RUNTIME, "lora_path": second_adapter}).status_code == 200
+    r = unload(app, {"lora_name": RUNTIME})
+    assert r.status_code == 200, r.text
+    assert RUNTIME not in {m.id for m in client.models.list().data}
+    with pytest.raises(NotFoundError):
+        greedy(client, RUNTIME, PROMPTS[0])
+    assert unload(app, {"lora_name": RUNTIME}).status_code == 404  # vLLM's: no replica has it
+
+
+def test_a_bad_path_gets_vllms_error_and_the_app_keeps_serving(app, client):
+    r = load(app, {"lora_name": "broken", "lora_path": "/nonexistent/lora"})
+    assert 400 <= r.status_code < 500
+    error = r.json()["error"]
+    assert error["code"] == r.status_code and "/nonexistent/lora" in error["message"]
+    assert "broken" not in {m.id for m in client.models.list().data}
+    assert greedy(client, ADAPTER, PROMPTS[0])[0] and greedy(client, BASE, PROMPTS[0])[0]
+
+
+def test_load_refusals_are_clear(app):
+    r = load(app, {"lora_name": ADAPTER, "lora_path": str(ADAPTER_PATH)})
+    assert r.status_code == 400 and "listed in the app's config" in r.json()["error"]["message"]
+    r = load(app, {"lora_name": BASE, "lora_path": str(ADAPTER_PATH)})
+    assert r.status_code == 400 and "conflicts with a served base model" in r.json()["error"]["message"]
+    r = load(app, {"lora_name": "x", "lora_path": str(ADAPTER_PATH), "model": "no-such-model"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert load(app, {"lora_name": "x"}).status_code == 400
+    assert unload(app, {"lora_name": ADAPTER}).status_code == 400
