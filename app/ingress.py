@@ -91,10 +91,7 @@ class Ingress:
 
         A deployment the controller does not list right now (e.g. while a new config is being built) is left out,
         so that its model keeps the replicas it had."""
-        from ray.serve.context import _get_global_client
-
-        details = await _get_global_client()._controller.get_serve_instance_details.remote()
-        listed = details.get("applications", {}).get(self.app_name, {}).get("deployments", {})
+        listed = await self._listed_deployments()
         running = {}
         for model, deployment in self.deployments.items():
             if deployment not in listed:
@@ -105,6 +102,13 @@ class Ingress:
             urls = await asyncio.to_thread(replicas.published, self.app_name, deployment)
             running[model] = {rid: url for rid, url in urls.items() if states.get(rid) == "RUNNING"}
         return running
+
+    async def _listed_deployments(self) -> dict[str, dict]:
+        """deployment name -> its status and replicas, as the Serve controller lists them for this app."""
+        from ray.serve.context import _get_global_client
+
+        details = await _get_global_client()._controller.get_serve_instance_details.remote()
+        return details.get("applications", {}).get(self.app_name, {}).get("deployments", {})
 
     async def asgi(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -349,11 +353,8 @@ class Ingress:
                            only: set[str] | None = None) -> dict[str, Response]:
         """vLLM's answer to POST `path` from each replica of `model` that published its URL (also those still
         starting); a replica that refuses the connection is gone and left out."""
-        from ray.serve.context import _get_global_client
-
         deployment = self.deployments[model]
-        details = await _get_global_client()._controller.get_serve_instance_details.remote()
-        listed = details.get("applications", {}).get(self.app_name, {}).get("deployments", {}).get(deployment, {})
+        listed = (await self._listed_deployments()).get(deployment, {})
         alive = {r["replica_id"] for r in listed.get("replicas", [])}  # a killed replica's URL stays in the KV store
         published = await asyncio.to_thread(replicas.published, self.app_name, deployment)
         urls = {rid: info["url"] for rid, info in published.items() if rid in alive and (only is None or rid in only)}

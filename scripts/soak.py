@@ -265,13 +265,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.report:
         saved = json.loads(pathlib.Path(args.report).read_text())
-        for sample in saved["rss"]:  # labels as this version names them
-            merged = collections.defaultdict(float)
-            for label, mib in sample["rss_mib"].items():
-                if label.startswith(("ray::", "VLLM::")):
-                    label = METHOD_SUFFIX.sub("", label.removesuffix(")")) + (")" if label.endswith(")") else "")
-                merged[label] += mib
-            sample["rss_mib"] = {k: round(v, 1) for k, v in merged.items()}
         return write_report(saved["name"], args.out_dir, saved["minutes"], saved["kill_every_min"],
                             saved["concurrency"], saved, saved["leaked_processes"])
     seen: set[int] = set()  # every pid of the app's process tree, sampled
