@@ -338,10 +338,15 @@ record_layout() {  # dir tag: the planner's line, Ray's placement group / actors
   nvidia-smi > "$d/nvidia-smi_$tag.txt" 2>&1
 }
 
+# The reference for the app's PP=2 greedy output: this call's `pp2vllm` result if it ran, else the one kept in the repo
+# (scripts/device/ref/greedy_pp2vllm.json: `vllm serve --pipeline-parallel-size 2`, second session, call 9).
+pp2_ref() { if [ -f /tmp/greedy_pp2vllm.json ]; then echo /tmp/greedy_pp2vllm.json; else echo "$repo/scripts/device/ref/greedy_pp2vllm.json"; fi; }
+
 greedy_against() {  # dir name reference-json: greedy output of the app on $PORT, compared with the reference
   local d=$1 name=$2 ref=$3
   timeout 120 python3 scripts/device/greedy.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" > "$d/$name.json"
   if [ -f "$ref" ]; then
+    echo "$ref" > "$d/${name}_reference.txt"
     python3 scripts/device/greedy.py --compare "$d/$name.json" "$ref" > "$d/${name}_compare.json"
     cat "$d/${name}_compare.json"
   fi
@@ -393,10 +398,14 @@ failure_run() {  # dir budget_s: SIGKILL node 2's raylet while a completion stre
   done
   wait "$poller"
   tail -1 "$d/fail_timeline.jsonl"
+  # What Serve and the replica said about health and replacement (kept in the results tarball, not only the logs').
+  grep -h -E "health|[Uu]nhealthy|placement group|replac|died|RESCHEDUL|Engine core|EngineDead|shutting down" \
+    /tmp/ray/session_latest/logs/serve/*.log 2>/dev/null | grep -v -E '(GET|POST) /' | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-400 | tail -200 \
+    > "$d/serve_health_lines.txt"
   snapshot "$d" after_recovery
   record_layout "$d" after_recovery
   if tail -1 "$d/fail_timeline.jsonl" | grep -q '"recovered_epoch": [0-9]' && [ "$(time_left)" -gt 60 ]; then
-    greedy_against "$d" greedy_pp2app_after_recovery /tmp/greedy_pp2vllm.json
+    greedy_against "$d" greedy_pp2app_after_recovery "$(pp2_ref)"
   fi
   python3 - "$d" <<'PY'
 import json, pathlib, sys
@@ -407,11 +416,31 @@ lines = [json.loads(x) for x in (d / "fail_timeline.jsonl").read_text().splitlin
 summary = lines[-1] if lines and lines[-1].get("summary") else {}
 kill = client.get("killed_at_epoch")
 rec = summary.get("recovered_epoch")
+polls = [x for x in lines if "health" in x]
+
+
+def first(pred, after):  # the first poll at or after `after` matching pred
+    return next((x for x in polls if x["epoch"] >= after and pred(x)), None)
+
+
+def since(x, t0):
+    return round(x["epoch"] - t0, 1) if x and t0 else None
+
+
+base = kill or restart
+h503 = first(lambda x: x["health"] == 503, base)
+probe_fail = first(lambda x: x["completion"] != 200, base)
+h200_back = first(lambda x: x["health"] == 200, h503["epoch"]) if h503 else None
 out = {"client_end": client.get("end"), "client_kill_to_end_s": client.get("kill_to_end_s"),
+       "client_error_event": client.get("error_event"), "client_exception": client.get("exception"),
+       "chunks_after_kill": client.get("chunks_after_kill"),
+       "kill_to_first_failed_probe_s": since(probe_fail, kill),
+       "kill_to_health_503_s": since(h503, kill), "health_503_body": h503["health_body"] if h503 else None,
        "kill_to_restart_s": round(restart - kill, 1) if kill else None,
+       "restart_to_health_200_s": since(h200_back, restart),
        "restart_to_serving_s": round(rec - restart, 1) if rec else None,
        "kill_to_serving_s": round(rec - kill, 1) if rec and kill else None,
-       "health_seen": sorted({(x["health"], x["health_body"][:120]) for x in lines if "health" in x})}
+       "health_seen": sorted({(x["health"], x["health_body"][:160]) for x in polls})}
 print(json.dumps(out, indent=1))
 (d / "fail_summary.json").write_text(json.dumps(out, indent=1))
 PY
@@ -453,7 +482,7 @@ phase_pp2app() {
   local d=$RES/pp2app rc=0; mkdir -p "$d"
   if start_two_node_app "$d"; then
     record_layout "$d" serving
-    greedy_against "$d" greedy_pp2app /tmp/greedy_pp2vllm.json; checkpoint "$d"
+    greedy_against "$d" greedy_pp2app "$(pp2_ref)"; checkpoint "$d"
     bench pp2_app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
     bench pp2_app 1 32 2 "$d" || rc=1
     checkpoint "$d"
@@ -475,7 +504,7 @@ phase_pp2fail() {  # the failure run alone, on a fresh two-node app
   local d=$RES/pp2fail rc=0; mkdir -p "$d"
   if start_two_node_app "$d"; then
     record_layout "$d" serving
-    greedy_against "$d" greedy_pp2app /tmp/greedy_pp2vllm.json; checkpoint "$d"
+    greedy_against "$d" greedy_pp2app "$(pp2_ref)"; checkpoint "$d"
     failure_run "$d" $(($(time_left) - 75)) || rc=1
   else
     rc=1
