@@ -86,6 +86,14 @@ class Ingress:
         self._follow_adapters = asyncio.create_task(self.adapters.follow(ADAPTERS_REFRESH_S))
         return ASGIApp(self.asgi)
 
+    async def __del__(self):
+        """Serve calls this once the router's requests have drained: stop following (its thread pool is going away)."""
+        for task in (getattr(self, "_follow", None), getattr(self, "_follow_adapters", None)):
+            if task is not None:
+                task.cancel()
+        if getattr(self, "session", None) is not None:
+            await self.session.close()
+
     async def _running_replicas(self) -> dict[str, dict[str, dict]]:
         """model -> {replica id: {"url", "routes"}} of the engine replicas the Serve controller lists as RUNNING.
 

@@ -80,17 +80,22 @@ def pytest_collection_modifyitems(items):
 
 
 def running_requests(base_url: str, model: str, headers: dict | None = None) -> float:
-    """The engine's own `vllm:num_requests_running` gauge for `model`, read through the app's /metrics."""
-    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text
+    """The engine's own `vllm:num_requests_running` gauge for `model`, read through the app's /metrics (NaN when the
+    router's scrape of a busy engine timed out)."""
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=60).text
     match = re.search(rf'^vllm:num_requests_running{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$', text, re.M)
-    return float(match.group(1))
+    return float(match.group(1)) if match else float("nan")
 
 
 def wait_running(base_url: str, model: str, predicate, timeout_s: float = 60.0, headers: dict | None = None) -> float:
-    """Poll the running-requests gauge until `predicate` holds or the time is up; returns the last value."""
+    """Poll the running-requests gauge until `predicate` holds or the time is up; returns the last value read.
+    On a busy 2-core machine one read can take many seconds: tests wait on work that outlasts that."""
     deadline = time.monotonic() + timeout_s
-    value = running_requests(base_url, model, headers)
-    while not predicate(value) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while True:
+        started = time.monotonic()
         value = running_requests(base_url, model, headers)
-    return value
+        # Every read, for the log of a failing test: when, how long, what.
+        print(f"{time.strftime('%H:%M:%S')} /metrics {model} running={value} in {time.monotonic() - started:.2f} s")
+        if predicate(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.2)

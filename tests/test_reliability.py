@@ -97,8 +97,8 @@ def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(gua
     assert pids
     engine_processes = engine_descendants(pids)
     assert engine_processes  # VLLM::EngineCore and its worker
-    # About 25 s of engine work on 2 cores, long enough to kill mid-way even when this client is starved of CPU.
-    long = {"model": "tiny-chat", "prompt": ["go"] * 8, "max_tokens": 2000, "ignore_eos": True, "n": 4}
+    # About 50 s of engine work on 2 cores: it is still running when a gauge read held up for 20 s comes back.
+    long = {"model": "tiny-chat", "prompt": ["go"] * 16, "max_tokens": 2000, "ignore_eos": True, "n": 4}
 
     async def kill_mid_generation():
         async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
@@ -137,20 +137,18 @@ def test_dead_engine_core_fails_requests_cleanly_and_the_replica_is_replaced(gua
     assert_recovers_with_a_new_replica(guarded, replica)  # the health check fails and Serve replaces it
 
 
-def test_a_forced_stop_leaves_no_engine_process(tmp_path):
-    """`ray stop --force` SIGKILLs every Ray process; vLLM's processes must follow. Done to this app's own process
-    tree only, so that the other apps of the test session live on."""
-    app = serve_run(ROOT / "tests" / "configs" / "guarded.yaml", tmp_path, env={"LLM_TEST_API_KEYS": KEY})
-    with running(app):
-        tree = psutil.Process(app.process.pid).children(recursive=True)
-        engines = [p for p in tree if is_engine_process(p)]
-        assert any("haproxy" in " ".join(p.cmdline()) for p in engines) and len(engines) >= 3
-        for proc in tree:
-            if proc not in engines:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-        app.process.kill()
-        assert not alive_after(engines, 30)
+def test_a_forced_stop_leaves_no_engine_process(guarded):
+    """`ray stop --force` SIGKILLs every Ray process; vLLM's processes must follow. Done last, to this module's app
+    and its process tree only, so that the other apps of the test session live on."""
+    tree = psutil.Process(guarded.process.pid).children(recursive=True)
+    engines = [p for p in tree if is_engine_process(p)]
+    assert any("haproxy" in " ".join(p.cmdline()) for p in engines) and len(engines) >= 3
+    for proc in tree:
+        if proc not in engines:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+    guarded.process.kill()
+    assert not alive_after(engines, 30)
 
 
 def is_engine_process(proc: psutil.Process) -> bool:

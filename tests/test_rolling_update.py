@@ -37,10 +37,16 @@ def dashboard(app) -> str:
     return match.group(1)
 
 
-def deploy(app, tmp_path: Path, change) -> None:
-    """`serve deploy` of the running config (its port included) with `change` applied to the model's entry."""
+def deploy(app, tmp_path: Path, change=None, num_replicas: int | None = None) -> None:
+    """`serve deploy` of the running config (its port included) with `change` applied to the model's entry, or with
+    the model's replica count set through Serve's own `deployments:` override (which restarts no replica)."""
     config = yaml.safe_load(Path(app.process.args[-1]).read_text())  # the config `serve run` got
-    change(config["applications"][0]["args"]["models"][0])
+    model = config["applications"][0]["args"]["models"][0]
+    model["engine_args"].update(max_model_len=1024)  # what test_rolling_update_under_streams deployed
+    if change:
+        change(model)
+    if num_replicas is not None:
+        config["applications"][0]["deployments"] = [{"name": "tiny-chat", "num_replicas": num_replicas}]
     path = tmp_path / f"deploy-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = Path(sys.executable).parent / "serve"
@@ -102,7 +108,7 @@ def test_rolling_update_under_streams(rolling, tmp_path):
     old = replicas(rolling)
 
     def update():
-        deploy(rolling, tmp_path, lambda m: m["engine_args"].update(max_model_len=1024))
+        deploy(rolling, tmp_path)  # max_model_len 2048 -> 1024: a new engine for every replica
         wait_for(lambda: max_model_len(rolling) == 1024 and not (replicas(rolling) & old))
 
     assert_all_clean(under_load(rolling, update))
@@ -112,14 +118,15 @@ def test_rolling_update_under_streams(rolling, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_scale_down_drains_under_streams(rolling, tmp_path):
-    deploy(rolling, tmp_path, lambda m: (m["engine_args"].update(max_model_len=1024),
-                                         m["deployment"].update(num_replicas=2)))
+    # Scaling through Serve's `deployments:` override is a light update: the running replica stays.
+    kept = replicas(rolling)
+    deploy(rolling, tmp_path, num_replicas=2)
     wait_for(lambda: len(replicas(rolling)) == 2)
+    assert kept <= replicas(rolling)
     time.sleep(5)  # both replicas take traffic
 
     def scale_down():
-        deploy(rolling, tmp_path, lambda m: (m["engine_args"].update(max_model_len=1024),
-                                             m["deployment"].update(num_replicas=1)))
+        deploy(rolling, tmp_path, num_replicas=1)
         wait_for(lambda: len(replicas(rolling)) == 1)
 
     assert_all_clean(under_load(rolling, scale_down))
