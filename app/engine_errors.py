@@ -50,12 +50,34 @@ def install() -> None:
         logging.getLogger("vllm").addHandler(_ExceptionLines(path))
 
 
+FILE_PREFIX = "llm-app-engine-errors-"
+
+
 def collecting() -> pathlib.Path:
-    """A file the engine processes this replica starts from now on will record their errors in."""
-    fd, path = tempfile.mkstemp(prefix="llm-app-engine-errors-", suffix=".log")
+    """A file the engine processes this replica starts from now on will record their errors in. Its name carries
+    the replica's pid; files of replicas that are gone (SIGKILLed ones never remove theirs) are removed first."""
+    remove_orphaned_files(pathlib.Path(tempfile.gettempdir()))
+    fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".log")
     os.close(fd)
     os.environ[ERRORS_ENV] = path
     return pathlib.Path(path)
+
+
+def remove_orphaned_files(folder: pathlib.Path) -> None:
+    for path in folder.glob(f"{FILE_PREFIX}*.log"):
+        pid = path.name[len(FILE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def root_cause(path: pathlib.Path, limit: int = 3) -> str | None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 
 from app import engine_errors
 
@@ -37,3 +41,19 @@ def test_without_a_file_named_nothing_is_recorded(monkeypatch):
 
 def test_no_file_means_no_cause(tmp_path):
     assert engine_errors.root_cause(tmp_path / "missing.log") is None
+
+
+def test_a_new_replica_removes_the_files_of_replicas_that_are_gone(monkeypatch, tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    prefix = engine_errors.FILE_PREFIX
+    orphaned = tmp_path / f"{prefix}{dead_pid}-abc.log"
+    unnamed = tmp_path / f"{prefix}x7_q.log"  # the older name without a pid
+    living = tmp_path / f"{prefix}1-abc.log"  # pid 1 is always there
+    for path in (orphaned, unnamed, living):
+        path.write_text("RuntimeError: x\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(engine_errors.ERRORS_ENV, raising=False)
+    mine = engine_errors.collecting()
+    assert not orphaned.exists() and not unnamed.exists() and living.exists()
+    assert mine.exists() and mine.name.startswith(f"{prefix}{os.getpid()}-")
