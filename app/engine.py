@@ -158,6 +158,13 @@ class EngineServer:
             if now != self._placement:
                 self._broken = (f"model {self.spec.name!r}: its placement group changed from {self._placement} to "
                                 f"{now} (a node with vLLM workers was lost); replacing the replica")
+                # Serve stops the replica only after its failed checks in a row: until then, no new requests (routers
+                # drop an unpublished replica), its open ones end with the error now, and its workers stop.
+                from app import vllm_api
+
+                replicas.unpublish(*self._key)
+                vllm_api.fail_in_flight(self.engine, self._broken)
+                await asyncio.to_thread(self.engine.shutdown)
         if self._broken:
             raise RuntimeError(self._broken)
         await self.engine.check_health()

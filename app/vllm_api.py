@@ -55,3 +55,11 @@ def known_argument_names() -> set[str]:
 
 def engine_args_from(args: argparse.Namespace) -> AsyncEngineArgs:
     return AsyncEngineArgs.from_cli_args(args)
+
+
+def fail_in_flight(engine: Any, reason: str) -> None:
+    """Ends every request the engine (vLLM's AsyncLLM) is working on with vLLM's EngineDeadError, the error its own
+    output handler raises into them when the engine core dies (same path in 0.26 and 0.32)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    engine.output_processor.propagate_error(EngineDeadError(reason))

@@ -31,7 +31,7 @@ from launch import ROOT, Server, free_port, haproxy_ports, serve_run
 
 CHAT_MODEL, EMBED_MODEL = "tiny-chat", "all-MiniLM-L6-v2"
 CHAT_PATH = ROOT / "models" / "tiny-chat"
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # what serve_configs/cpu.yaml gives its replicas
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_AOT_COMPILE": "0"}  # what the app gives cpu.yaml's replicas
 MAX_MODEL_LEN = 2048
 SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in
              enumerate(["food", "the weather", "stocks", "music", "sports", "cats", "travel", "code"] * 2)]

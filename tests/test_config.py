@@ -321,6 +321,7 @@ def test_cpu_engine():
     assert actor["runtime_env"]["env_vars"] == {
         "VLLM_CPU_KVCACHE_SPACE": "3",
         "VLLM_CPU_OMP_THREADS_BIND": "0-3",
+        "VLLM_USE_AOT_COMPILE": "0",
         "HF_HUB_OFFLINE": "1",
     }
     assert all(isinstance(v, str) for v in actor["runtime_env"]["env_vars"].values())

@@ -72,7 +72,7 @@ def test_request_id_is_returned_and_logged(guarded):
 
 
 def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
-    body = {**CHAT, "max_tokens": 600, "ignore_eos": True}
+    body = {**CHAT, "max_tokens": 2000, "ignore_eos": True}  # answers take seconds, even on a quiet machine
 
     async def run():
         async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
@@ -89,7 +89,8 @@ def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
     assert refused and served
     assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError"
                for r, _ in refused)
-    assert max(s for _, s in refused) < 5.0  # refused at once, not after waiting
+    # Refused at once, not after waiting for a slot: every refusal came back before the first answer.
+    assert max(s for _, s in refused) < min(s for r, s in results if r.status_code == 200)
 
 
 def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):
