@@ -23,8 +23,10 @@
 #            (scripts/device/recovery.py), restart node 2, time until the app serves again
 #   tp2c     (two GPUs) compiled `vllm serve --tensor-parallel-size 2 --disable-custom-all-reduce` with the FlashInfer
 #            all-reduce + RMSNorm fusion off; greedy output and benchmark if it starts
+#   tp2capp  (two GPUs) the app with the same compiled TP=2 setting (scripts/device/serve-tp2c.yaml); start-up time,
+#            greedy output compared with tp2c's (this call's, else scripts/device/ref/greedy_tp2c.json); benchmark
 # Usage: bash scripts/device/run_checks.sh [install] [app] [vllm] [single] [tp2vllm] [tp2app] [pp2vllm] [pp2app]
-#        [pp2fail] [tp2c] (default: app vllm)
+#        [pp2fail] [tp2c] [tp2capp] (default: app vllm)
 # Results and logs land in /tmp/results/<phase>/ and, packed, in $OUT (what the device tool brings back).
 # Each server start takes about 3 minutes (torch.compile + CUDA graphs).
 set -uo pipefail
@@ -137,7 +139,7 @@ start_app() {  # dir config [gpus]: ray start + serve run in the background (set
   log "serve run $config"
   python3 -m ray.serve.scripts run --address=auto "$config" > "$d/serve_run.log" 2>&1 &
   APP_PID=$!
-  wait_healthy "http://127.0.0.1:$PORT/health" 420 "$APP_PID" "$d/serve_run.log"
+  wait_healthy "http://127.0.0.1:$PORT/health" "${APP_START_LIMIT_S:-420}" "$APP_PID" "$d/serve_run.log"
 }
 
 stop_app() {  # dir [ray-logs-dir]
@@ -521,6 +523,7 @@ phase_tp2c() {  # compiled TP=2 with the FlashInfer all-reduce + RMSNorm fusion 
       --disable-custom-all-reduce --compilation-config '{"pass_config": {"fuse_allreduce_rms": false}}'; then
     rc=0; echo $((SECONDS - t0)) > "$d/startup_s.txt"; log "compiled TP=2 started"
     greedy_against "$d" greedy_tp2c /nonexistent
+    cp "$d/greedy_tp2c.json" /tmp/greedy_tp2c.json
     bench tp2c_vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
     [ "$(time_left)" -gt 90 ] && { bench tp2c_vllm 1 32 2 "$d" || rc=1; }
   else
@@ -530,6 +533,40 @@ phase_tp2c() {  # compiled TP=2 with the FlashInfer all-reduce + RMSNorm fusion 
   stop_vllm; stop_gpu_leftovers
   cp "$d"/greedy_*.json "$d"/startup_s.txt "$d"/errors.txt "$d"/*_c*.json "$OUT"/ 2>/dev/null
   pack tp2c "$d"
+  return $rc
+}
+
+# The reference for the app's compiled TP=2 greedy output: this call's `tp2c` result if it ran, else the one kept in
+# the repo (scripts/device/ref/greedy_tp2c.json: compiled `vllm serve` TP=2, fusion off, third session, call 10).
+tp2c_ref() { if [ -f /tmp/greedy_tp2c.json ]; then echo /tmp/greedy_tp2c.json; else echo "$repo/scripts/device/ref/greedy_tp2c.json"; fi; }
+
+engine_lines() {  # dir: vLLM's start-up lines (compile, CUDA graphs, all-reduce, errors) from `serve run`'s log and
+  local f  # Ray's worker logs (vLLM's engine core and workers log there)
+  for f in "$1/serve_run.log" /tmp/ray/session_latest/logs/worker-*.out /tmp/ray/session_latest/logs/worker-*.err; do
+    [ -s "$f" ] || continue
+    sed 's/\x1b\[[0-9;]*m//g' "$f" | grep -E "init engine|[Cc]ompil|CUDA graph|cuda graph|All-?reduce|allreduce|FlashInfer|SymmMem|shm_broadcast|layout TP=|starting vLLM engine|ready at|Error|Traceback" \
+      | grep -v -E '(GET|POST) /' | cut -c1-400 | head -60 | sed "s|^|$(basename "$f"): |"
+  done > "$1/engine_lines.txt" 2>/dev/null
+}
+
+phase_tp2capp() {  # the app, TP=2 compiled with the fusion off (scripts/device/serve-tp2c.yaml), against phase tp2c
+  local d=$RES/tp2capp rc=0 t0=$SECONDS; mkdir -p "$d"
+  stop_gpu_leftovers
+  # Leave ~100 s of the call for stopping and packing if the start hangs.
+  if APP_START_LIMIT_S=$(($(time_left) - 100)) start_app "$d" scripts/device/serve-tp2c.yaml 2; then
+    echo $((SECONDS - t0)) > "$d/startup_s.txt"; log "app, compiled TP=2, healthy after $((SECONDS - t0)) s"
+    engine_lines "$d"; nvidia-smi > "$d/nvidia-smi_serving.txt" 2>&1; checkpoint "$d"
+    greedy_against "$d" greedy_tp2capp "$(tp2c_ref)" || rc=1; checkpoint "$d"
+    bench tp2c_app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1; checkpoint "$d"
+    if [ "$(time_left)" -gt 90 ]; then bench tp2c_app 1 32 2 "$d" || rc=1; else log "no time left for 1 stream"; fi
+  else
+    rc=1; log "the app with compiled TP=2 did not get healthy"
+  fi
+  engine_lines "$d"; checkpoint "$d"
+  stop_app "$d"; stop_haproxy_leftovers
+  checkpoint "$d"
+  cp "$d"/startup_s.txt "$d"/greedy_tp2capp_compare.json "$d"/engine_lines.txt "$d"/tp2c_app_c*.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT/tp2capp_logs.tgz" -C "$RES" tp2capp 2>/dev/null; ls -la "$OUT"
   return $rc
 }
 
@@ -566,6 +603,7 @@ for p in "${phases[@]}"; do
     pp2app) phase_pp2app ;;
     pp2fail) phase_pp2fail ;;
     tp2c) phase_tp2c ;;
+    tp2capp) phase_tp2capp ;;
     *) echo "unknown phase $p"; false ;;
   esac || { status=1; log "phase $p failed"; }
 done
