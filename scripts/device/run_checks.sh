@@ -10,8 +10,8 @@
 #            greedy token ids and logprobs of both (scripts/device/greedy.py)
 #   tp2vllm  (two GPUs) `vllm serve --tensor-parallel-size 2`, trying TP2_VARIANTS in turn until one starts;
 #            greedy output; benchmark
-#   tp2app   (two GPUs) the app with tensor_parallel_size 2 (serve_configs/gpu-device-tp2.yaml) under the
-#            settings that worked for tp2vllm; greedy output compared with tp2vllm's; benchmark
+#   tp2app   (two GPUs) the app with tensor_parallel_size 2 (serve_configs/gpu-device-tp2.yaml, compiled since the
+#            fourth session); greedy output compared with tp2vllm's; benchmark
 #   pp2vllm  (two GPUs) `vllm serve --pipeline-parallel-size 2`, PP2_VARIANTS in turn until one starts; greedy
 #            output; benchmark
 #   pp2app   (two GPUs) two Ray nodes on the host (head: GPU 0, VLLM_HOST_IP 127.0.0.1; node 2: GPU 1, the host's
@@ -23,7 +23,7 @@
 #            (scripts/device/recovery.py), restart node 2, time until the app serves again
 #   tp2c     (two GPUs) compiled `vllm serve --tensor-parallel-size 2 --disable-custom-all-reduce` with the FlashInfer
 #            all-reduce + RMSNorm fusion off; greedy output and benchmark if it starts
-#   tp2capp  (two GPUs) the app with the same compiled TP=2 setting (scripts/device/serve-tp2c.yaml); start-up time,
+#   tp2capp  (two GPUs) the app with the same compiled TP=2 setting (serve_configs/gpu-device-tp2.yaml); start-up time,
 #            greedy output compared with tp2c's (this call's, else scripts/device/ref/greedy_tp2c.json); benchmark
 # Usage: bash scripts/device/run_checks.sh [install] [app] [vllm] [single] [tp2vllm] [tp2app] [pp2vllm] [pp2app]
 #        [pp2fail] [tp2c] [tp2capp] (default: app vllm)
@@ -549,11 +549,11 @@ engine_lines() {  # dir: vLLM's start-up lines (compile, CUDA graphs, all-reduce
   done > "$1/engine_lines.txt" 2>/dev/null
 }
 
-phase_tp2capp() {  # the app, TP=2 compiled with the fusion off (scripts/device/serve-tp2c.yaml), against phase tp2c
+phase_tp2capp() {  # the app, TP=2 compiled with the fusion off (serve_configs/gpu-device-tp2.yaml), against phase tp2c
   local d=$RES/tp2capp rc=0 t0=$SECONDS; mkdir -p "$d"
   stop_gpu_leftovers
   # Leave ~100 s of the call for stopping and packing if the start hangs.
-  if APP_START_LIMIT_S=$(($(time_left) - 100)) start_app "$d" scripts/device/serve-tp2c.yaml 2; then
+  if APP_START_LIMIT_S=$(($(time_left) - 100)) start_app "$d" serve_configs/gpu-device-tp2.yaml 2; then
     echo $((SECONDS - t0)) > "$d/startup_s.txt"; log "app, compiled TP=2, healthy after $((SECONDS - t0)) s"
     engine_lines "$d"; nvidia-smi > "$d/nvidia-smi_serving.txt" 2>&1; checkpoint "$d"
     greedy_against "$d" greedy_tp2capp "$(tp2c_ref)" || rc=1; checkpoint "$d"
