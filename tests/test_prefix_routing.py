@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from app.config import RequestRouterOptions
 from app.prefix_routing import PrefixAffinity, prompt_text
 from app.replicas import ReplicaPool
@@ -52,25 +54,16 @@ def test_same_prefix_goes_to_the_same_replica_and_distinct_prefixes_spread():
     asyncio.run(main())
 
 
-def test_affinity_holds_while_the_owner_is_somewhat_busier():
-    p = prefix_pool(imbalanced_threshold=2)
+@pytest.mark.parametrize(("knobs", "owner_ongoing", "picked"), [
+    ({"imbalanced_threshold": 2}, 2, "a"),  # affinity holds while the owner is somewhat busier
+    ({"imbalanced_threshold": 2}, 3, "b"),  # imbalanced load goes to the least loaded replica
+    ({"max_ongoing": 1}, 1, "b"),  # a full owner is passed over
+])
+def test_the_prefix_owner_wins_unless_it_is_too_busy(knobs, owner_ongoing, picked):
+    p = prefix_pool(**knobs)
     p.affinity.record(SYSTEM, "a")
-    p.replicas["a"].ongoing = 2
-    assert p.pick(SYSTEM + "next").replica_id == "a"
-
-
-def test_imbalanced_load_goes_to_the_least_loaded_replica():
-    p = prefix_pool(imbalanced_threshold=2)
-    p.affinity.record(SYSTEM, "a")
-    p.replicas["a"].ongoing = 3
-    assert p.pick(SYSTEM + "next").replica_id == "b"
-
-
-def test_a_full_owner_is_passed_over():
-    p = prefix_pool(max_ongoing=1)
-    p.affinity.record(SYSTEM, "a")
-    p.replicas["a"].ongoing = 1
-    assert p.pick(SYSTEM + "next").replica_id == "b"
+    p.replicas["a"].ongoing = owner_ongoing
+    assert p.pick(SYSTEM + "next").replica_id == picked
 
 
 def test_a_low_match_rate_goes_to_the_smallest_record():

