@@ -461,14 +461,17 @@ stop_haproxy_leftovers() {  # Ray 2.60 leaves Serve's HAProxy running after `ray
 
 phase_pp2vllm() { vllm_variants pp2vllm pp2 --pipeline-parallel-size "$PP2_VARIANTS" "${PP2_START_LIMIT_S:-330}"; }
 
-phase_pp2app() {
-  local d=$RES/pp2app rc=0; mkdir -p "$d"
+two_node_phase() {  # phase: the two-node app; layout, greedy, benchmarks (unless PP2_BENCH=0), then the failure run
+  # if PP2_FAIL=1 and the call is young enough (PP2_FAIL_START_BY s)
+  local phase=$1 d=$RES/$1 rc=0; mkdir -p "$d"
   if start_two_node_app "$d"; then
     record_layout "$d" serving
     greedy_against "$d" greedy_pp2app "$(pp2_ref)"; checkpoint "$d"
-    bench pp2_app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
-    bench pp2_app 1 32 2 "$d" || rc=1
-    checkpoint "$d"
+    if [ "${PP2_BENCH:-1}" = 1 ]; then
+      bench pp2_app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+      bench pp2_app 1 32 2 "$d" || rc=1
+      checkpoint "$d"
+    fi
     if [ "${PP2_FAIL:-1}" = 1 ] && [ "$SECONDS" -lt "${PP2_FAIL_START_BY:-300}" ]; then
       failure_run "$d" $(($(time_left) - 75)) || rc=1
     else
@@ -479,24 +482,13 @@ phase_pp2app() {
   fi
   checkpoint "$d"
   stop_app "$d"; stop_haproxy_leftovers
-  checkpoint "$d"; tar czf "$OUT/pp2app_logs.tgz" -C "$RES" pp2app 2>/dev/null; ls -la "$OUT"
+  checkpoint "$d"; tar czf "$OUT/${phase}_logs.tgz" -C "$RES" "$phase" 2>/dev/null; ls -la "$OUT"
   return $rc
 }
 
-phase_pp2fail() {  # the failure run alone, on a fresh two-node app
-  local d=$RES/pp2fail rc=0; mkdir -p "$d"
-  if start_two_node_app "$d"; then
-    record_layout "$d" serving
-    greedy_against "$d" greedy_pp2app "$(pp2_ref)"; checkpoint "$d"
-    failure_run "$d" $(($(time_left) - 75)) || rc=1
-  else
-    rc=1
-  fi
-  checkpoint "$d"
-  stop_app "$d"; stop_haproxy_leftovers
-  checkpoint "$d"; tar czf "$OUT/pp2fail_logs.tgz" -C "$RES" pp2fail 2>/dev/null; ls -la "$OUT"
-  return $rc
-}
+phase_pp2app() { two_node_phase pp2app; }
+
+phase_pp2fail() { PP2_BENCH=0 PP2_FAIL=1 PP2_FAIL_START_BY=$CALL_LIMIT_S two_node_phase pp2fail; }  # the failure run alone
 
 phase_tp2c() {  # compiled TP=2 with the FlashInfer all-reduce + RMSNorm fusion off (run 1 left it untried)
   local d=$RES/tp2c rc=1 t0=$SECONDS; mkdir -p "$d"
