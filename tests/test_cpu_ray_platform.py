@@ -112,6 +112,10 @@ def greedy(client, model: str, prompt: str) -> tuple[list[int], list[float]]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+def named_unhealthy(health, model: str) -> bool:
+    return health.status_code == 503 and model in health.json().get("models", {})
+
+
 def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_cluster):
     """The real app (ingress + engine deployments, built from a config) on two Ray nodes of one device each:
     a model asking for TP=2 is laid out as TP=1 x PP=2 (tensor parallel stays inside a node), its vLLM
@@ -141,7 +145,7 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
     args = {"models": [
         split,
         {"name": "tiny-one", "source": str(TINY_CHAT), "backend": "cpu", "engine_args": ENGINE,
-         "env": on_cluster, "deployment": {"num_cpus": 0.5}},
+         "env": on_cluster, "deployment": {"num_cpus": 0.5, "resources": {"head_node": 0.01}}},  # stays up
     ], "ingress": {"resources": {"head_node": 0.01}}}
     started = time.monotonic()
     serve.run(build_app(args), name="llm", route_prefix="/")
@@ -191,9 +195,10 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
           f"after {len(received)} chunks")
     assert len(received) < 240
     deadline = time.monotonic() + 120
-    while (health := httpx.get(f"{base_url}/health", timeout=30)).status_code == 200 and time.monotonic() < deadline:
+    while not named_unhealthy(health := httpx.get(f"{base_url}/health", timeout=30), "tiny-split"):
+        assert time.monotonic() < deadline, health.text
         time.sleep(1)
-    assert health.status_code == 503 and "tiny-split" in health.json()["models"], health.text
+    assert set(health.json()["models"]) == {"tiny-split"}, health.text  # the model on the head node still serves
     two_node_cluster.add_device_node()
     back = time.monotonic()
     deadline = back + 400
