@@ -131,7 +131,7 @@ class ReplicaPool:
                     await self._changed.wait()
                 return replica
         except TimeoutError:
-            raise NoCapacity(self._why()) from None
+            raise NoCapacity(f"{self._why()} No slot came free within {timeout_s:g} s.") from None
         finally:
             self.waiting -= 1
 

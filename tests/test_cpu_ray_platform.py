@@ -112,6 +112,19 @@ def greedy(client, model: str, prompt: str) -> tuple[list[int], list[float]]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+def get_through_reloads(url: str):
+    """GET, tried again when the connection is reset: Serve's proxies reconfigure when a node is lost."""
+    import httpx
+
+    for attempt in range(5):
+        try:
+            return httpx.get(url, timeout=30)
+        except httpx.TransportError:
+            if attempt == 4:
+                raise
+            time.sleep(1)
+
+
 def named_unhealthy(health, model: str) -> bool:
     return health.status_code == 503 and model in health.json().get("models", {})
 
@@ -195,7 +208,7 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
           f"after {len(received)} chunks")
     assert len(received) < 240
     deadline = time.monotonic() + 120
-    while not named_unhealthy(health := httpx.get(f"{base_url}/health", timeout=30), "tiny-split"):
+    while not named_unhealthy(health := get_through_reloads(f"{base_url}/health"), "tiny-split"):
         assert time.monotonic() < deadline, health.text
         time.sleep(1)
     assert set(health.json()["models"]) == {"tiny-split"}, health.text  # the model on the head node still serves

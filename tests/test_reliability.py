@@ -71,26 +71,22 @@ def test_request_id_is_returned_and_logged(guarded):
     assert '"request_id": "trace-me-42"' in guarded.log_path.read_text(errors="replace")
 
 
-def test_overload_gets_fast_503_with_retry_after_and_the_rest_succeed(guarded):
-    body = {**CHAT, "max_tokens": 2000, "ignore_eos": True}  # answers take seconds, even on a quiet machine
+def test_overload_gets_503_with_retry_after_and_the_rest_succeed(guarded):
+    body = {**CHAT, "max_tokens": 600, "ignore_eos": True}
 
     async def run():
         async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
-            async def one():
-                started = time.perf_counter()
-                r = await client.post("/v1/chat/completions", json=body)
-                return r, time.perf_counter() - started
-            return await asyncio.gather(*(one() for _ in range(16)))
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(16)))
 
     results = asyncio.run(run())
-    refused = [(r, s) for r, s in results if r.status_code == 503]
-    served = [r for r, _ in results if r.status_code == 200]
-    assert len(refused) + len(served) == 16, [r.text for r, _ in results]
+    refused = [r for r in results if r.status_code == 503]
+    served = [r for r in results if r.status_code == 200]
+    assert len(refused) + len(served) == 16, [r.text for r in results]
     assert refused and served
-    assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError"
-               for r, _ in refused)
-    # Refused at once, not after waiting for a slot: every refusal came back before the first answer.
-    assert max(s for _, s in refused) < min(s for r, s in results if r.status_code == 200)
+    # Refused because the queue was full (the router's own words), not after timing out in it.
+    messages = [r.json()["error"]["message"] for r in refused]
+    assert all("request(s) waiting (max_queued_requests)" in m and "No slot came free" not in m for m in messages)
+    assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError" for r in refused)
 
 
 def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):

@@ -55,7 +55,7 @@ def test_waiting_times_out():
     async def main():
         p = pool(max_ongoing=1, max_queued=5, ids=("a",))
         async with p.slot(1):
-            with pytest.raises(NoCapacity):
+            with pytest.raises(NoCapacity, match="No slot came free within 0.05 s"):
                 async with p.slot(0.05):
                     pass
 
