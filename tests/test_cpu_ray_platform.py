@@ -63,7 +63,8 @@ def test_entry_point_is_declared():
     assert plugin_installed()
 
 
-# fp32: exact comparison. Not enforce_eager: pipeline stages need the compile warm-up (see the plugin).
+# fp32: exact comparison. Not enforce_eager (nor VLLM_CPU_CI_ENV's eager backend): pipeline stages need the compile
+# warm-up (see the plugin).
 ENGINE = {"max_model_len": 256, "max_num_seqs": 4, "dtype": "float32"}
 
 
@@ -82,6 +83,8 @@ def two_node_cluster(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # vLLM's Ray executor requires one IP per node; virtual nodes share the host, so give each its own.
     monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    # Pipeline stages need the inductor compile warm-up (see ENGINE): not the eager CI mode conftest sets.
+    monkeypatch.delenv("VLLM_CPU_CI_ENV", raising=False)
     node_args = {"num_cpus": 2, "resources": {"cpu_device": 1}, "include_dashboard": False}
     # A private temp dir: other Ray users on this machine (address="auto") must not find this cluster.
     temp_dir = tempfile.mkdtemp(prefix="rtcpu-")
