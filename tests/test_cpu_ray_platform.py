@@ -113,8 +113,6 @@ def greedy(client, model: str, prompt: str) -> tuple[list[int], list[float]]:
     return choice.token_ids, choice.logprobs.token_logprobs
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(600)
 def get_through_reloads(url: str):
     """GET, tried again when the connection is reset: Serve's proxies reconfigure when a node is lost."""
     import httpx
@@ -132,6 +130,8 @@ def named_unhealthy(health, model: str) -> bool:
     return health.status_code == 503 and model in health.json().get("models", {})
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(600)
 def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_cluster):
     """The real app (ingress + engine deployments, built from a config) on two Ray nodes of one device each:
     a model asking for TP=2 is laid out as TP=1 x PP=2 (tensor parallel stays inside a node), its vLLM
