@@ -2,38 +2,52 @@
 
 Adapters listed in the config (`lora_adapters`) are vLLM's `lora_modules`: every engine replica loads them at
 start. Adapters loaded at run time (`POST /v1/load_lora_adapter` on the router) are recorded in Ray's KV store
-under the app, the base model's deployment and the adapter name, so that every router replica knows them and
-every engine replica of the base model loads them, including one that starts later. Pure logic apart from the
-KV calls.
+under the app, the base model's deployment and the adapter name (one JSON record each, removed on unload), so
+that every engine replica of the base model loads them, including one that starts later, and every router replica
+knows them: a router re-reads the registry when a request names a model it does not know and when it lists the
+models, never in a loop. Pure logic apart from the KV calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from app import kv
 from app.config import AppConfig, ModelSpec
 from app.errors import bad_request, not_found
-
-logger = logging.getLogger("ray.serve")
 
 KV_NAMESPACE = "llm_app_lora"
 
 
+def _key(app: str, deployment: str, adapter: str) -> str:
+    return f"{app}/{deployment}/{adapter}"
+
+
 def register(app: str, deployment: str, adapter: str, path: str) -> None:
-    kv.put(KV_NAMESPACE, app, deployment, adapter, {"lora_path": path})
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_key(app, deployment, adapter), json.dumps({"lora_path": path}), namespace=KV_NAMESPACE)
 
 
 def unregister(app: str, deployment: str, adapter: str) -> None:
-    kv.delete(KV_NAMESPACE, app, deployment, adapter)
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(_key(app, deployment, adapter), namespace=KV_NAMESPACE)
 
 
 def registered(app: str, deployment: str) -> dict[str, str]:
     """adapter name -> path of the adapters loaded at run time on `deployment`."""
-    return {name: record["lora_path"] for name, record in kv.records(KV_NAMESPACE, app, deployment).items()}
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    prefix = _key(app, deployment, "")
+    found = {}
+    for full in _internal_kv_list(prefix, namespace=KV_NAMESPACE):
+        value = _internal_kv_get(full, namespace=KV_NAMESPACE)
+        if value:
+            found[full.decode()[len(prefix):]] = json.loads(value)["lora_path"]
+    return found
 
 
 @dataclass(frozen=True)
@@ -98,15 +112,6 @@ class AdapterTable:
         may have loaded it as an adapter."""
         if isinstance(name, str) and self.config.model(name) is None and self.get(name) is None:
             await self.refresh()
-
-    async def follow(self, interval_s: float) -> None:
-        """Keeps `loaded` current (adapters unloaded, or loaded through other router replicas)."""
-        while True:
-            try:
-                await self.refresh()
-            except Exception:  # noqa: BLE001 - a GCS hiccup must not stop the loop
-                logger.exception("could not read the LoRA adapter registry")
-            await asyncio.sleep(interval_s)
 
     def check_new(self, name: str, base: ModelSpec) -> None:
         """Raises 400 for a run-time adapter name that another model, or the config, already uses."""

@@ -16,7 +16,8 @@ from ray import serve
 from ray.serve import Application
 
 from app.backend import BackendChoice, ClusterFacts, choose_backend, installed_vllm_build
-from app.config import AppConfig, DeploymentOptions, ModelSpec
+from app.autoscaling import POLICY_PATH
+from app.config import AppConfig, DeploymentOptions, EngineScalingTargets, ModelDeploymentOptions, ModelSpec
 from app.cpu import CPUEngineServer, cpu_engine
 from app.engine import EngineServer
 from app.ingress import ingress_class
@@ -27,6 +28,7 @@ logger = logging.getLogger("ray.serve")
 
 PROCESS_GUARD_ENV = {PROCESS_GUARD_ENV_NAME: "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 LORA_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+REPLICA_ROUTER = "app.replica_router:EngineReplicaRouter"
 
 
 class ConfigError(ValueError):
@@ -48,10 +50,26 @@ def deployment_name(model_name: str) -> str:
 
 
 def serve_options(options: DeploymentOptions) -> dict[str, Any]:
-    """Ray Serve deployment options, except ray_actor_options (which depend on the backend) and the router's own."""
-    chosen = options.model_dump(exclude={"num_cpus", "resources", "request_router"}, exclude_none=True)
+    """Ray Serve deployment options, except ray_actor_options (which depend on the backend) and the app's own."""
+    chosen = options.model_dump(exclude={"num_cpus", "resources", "request_router", "scale_on_engine"},
+                                exclude_none=True)
     if options.autoscaling_config is not None:
         chosen["num_replicas"] = "auto"
+    return chosen
+
+
+def engine_serve_options(options: ModelDeploymentOptions) -> dict[str, Any]:
+    """An engine deployment's Serve options: its replicas are announced to the routers by Serve's controller
+    (`app.replica_directory`), and its autoscaling runs on the load the engines report (`app.autoscaling`)."""
+    chosen = serve_options(options)
+    chosen["request_router_config"] = {"request_router_class": REPLICA_ROUTER}
+    if options.autoscaling_config is not None:
+        targets = options.scale_on_engine or EngineScalingTargets()
+        chosen["autoscaling_config"] = {**options.autoscaling_config, "policy": {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {"target_waiting_requests": targets.waiting_requests,
+                              "target_kv_cache_usage": targets.kv_cache_usage},
+        }}
     return chosen
 
 
@@ -113,7 +131,7 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
     if spec.lora_enabled:  # and vLLM's load/unload routes, which the router calls on every replica
         overrides["enable_lora"] = True
         options["ray_actor_options"]["runtime_env"]["env_vars"][LORA_UPDATES_ENV] = "True"
-    deployment = serve.deployment(server, name=deployment_name(spec.name), **serve_options(spec.deployment))
+    deployment = serve.deployment(server, name=deployment_name(spec.name), **engine_serve_options(spec.deployment))
     # Only what the engine needs: Serve options (replicas, autoscaling) and routing settings may change without
     # replacing a replica (and reloading its model).
     engine_spec = spec.model_dump(mode="json", exclude={"deployment", "fallback", "fallback_after"})

@@ -36,6 +36,10 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 60.0
     graceful_shutdown_timeout_s: float = 30.0
+    max_constructor_retry_count: int = Field(
+        3, ge=1, description="Failed replica starts (e.g. an engine that cannot load its model) before Ray Serve "
+        "gives the deployment up until the next deploy.",
+    )
     max_surge_percent: int = Field(
         100, ge=0, le=100, description="Extra replicas during a rolling update: old replicas serve until their "
         "replacements are ready (Ray Serve's default, 0, stops them first: a one-replica model would be down while "
@@ -80,12 +84,41 @@ class RequestRouterOptions(Strict):
         return self
 
 
+class EngineScalingTargets(Strict):
+    """Autoscaling on the engine's own signals as well as its ongoing requests (`app.autoscaling`): each signal asks
+    for `replicas x observed / target` replicas, the largest wins."""
+
+    waiting_requests: float | None = Field(None, gt=0, description="Requests in vLLM's waiting queue per replica.")
+    kv_cache_usage: float | None = Field(None, gt=0, le=1, description="Share of the engine's KV cache in use.")
+
+
 class ModelDeploymentOptions(DeploymentOptions):
     """A model's engine deployment: Serve options plus how the router spreads requests over its replicas."""
 
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="Also how soon a replica that died leaves the routers' tables (Serve's controller "
+        "learns it from a failed check, then tells the routers).",
+    )
     request_router: RequestRouterOptions = Field(
         RequestRouterOptions(), description="Replica choice; a policy name alone ('prefix_aware') keeps the defaults."
     )
+    scale_on_engine: EngineScalingTargets | None = Field(
+        None, description="With autoscaling_config: also scale on vLLM's waiting queue and KV-cache use."
+    )
+
+    @model_validator(mode="after")
+    def _engine_autoscaling(self) -> "ModelDeploymentOptions":
+        scaling = self.autoscaling_config
+        if self.scale_on_engine is not None and scaling is None:
+            raise ValueError("scale_on_engine needs autoscaling_config (min_replicas, max_replicas, ...)")
+        if scaling is not None and scaling.get("min_replicas", 1) == 0:
+            raise ValueError(
+                "autoscaling_config.min_replicas 0 is not supported for models: requests go to the engines' own "
+                "servers, so no request would wake Ray Serve to start a replica; use min_replicas: 1")
+        if scaling is not None and "policy" in scaling:
+            raise ValueError("autoscaling_config.policy is set by the app (it scales on the engine's real load, "
+                             "app.autoscaling); use scale_on_engine for engine-signal targets")
+        return self
 
     @field_validator("request_router", mode="before")
     @classmethod

@@ -3,8 +3,10 @@
 `vllm serve`'s FastAPI app runs unchanged on a uvicorn server inside the replica, so chat templates,
 sampling parameters, logprobs, usage accounting and error bodies are exactly those of `vllm serve`, and
 response bytes go straight from this process to the router's socket: no Ray message carries them.
-The replica publishes its URL (`app.replicas`); Ray Serve keeps the replica's lifecycle, placement group,
-health checks and scaling. GPU models run here; CPU models in its subclass `app.cpu.CPUEngineServer`.
+The replica tells Ray Serve its URL and routes (`record_replica_metadata`), which Serve's controller pushes to
+every router (`app.replica_directory`), bounds its own engine requests at `max_ongoing_requests` (`app.admission`)
+and reports its load to Serve's autoscaler (`record_autoscaling_stats`). Serve keeps the replica's lifecycle,
+placement group, health checks, constructor retries and scaling. GPU models run here; CPU models in its subclass `app.cpu.CPUEngineServer`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import socket
 from typing import Any
 
-from app import adapters, engine_errors, replicas
+from app import adapters, engine_errors
+from app.admission import Admission
+from app.autoscaling import engine_load
 from app.backend import installed_vllm_build, runtime_problem
 from app.config import ModelSpec
 
@@ -23,22 +27,7 @@ logger = logging.getLogger("ray.serve")
 
 # vLLM starts its engine core in a subprocess; fork would copy the Ray worker's threads.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-
-
-class InFlight:
-    """ASGI middleware counting open HTTP requests, so that a stopping replica can wait for its own to finish."""
-
-    def __init__(self, app):
-        self.app, self.count = app, 0
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        self.count += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.count -= 1
+ROUTERS_NOTICE_S = 1.0  # a stopping replica is out of the routers' tables by then (Serve's controller pushes it)
 
 
 def vllm_routes(app) -> list[str]:
@@ -62,11 +51,6 @@ class EngineServer:
         from app import vllm_api
 
         context = serve.get_replica_context()
-        version = f"{context.app_name}/{context.deployment}/{context.code_version}"
-        count, cause = engine_errors.failed_starts(version)
-        if count >= engine_errors.MAX_ENGINE_STARTS:
-            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine failed to start {count} times, not trying "
-                               f"again until the next deploy: {cause}")
         source = self.spec.resolved_source()
         args = vllm_api.server_args(source, self.spec.name, engine_overrides, self.spec.resolved_lora_adapters())
         self._registry = (context.app_name, context.deployment)  # where the router records run-time adapters
@@ -78,20 +62,16 @@ class EngineServer:
         except Exception as e:
             cause = engine_errors.root_cause(self._errors) or f"{type(e).__name__}: {e}"
             self._errors.unlink(missing_ok=True)
-            count = engine_errors.record_failed_start(version, cause)
-            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine did not start (attempt {count} of "
-                               f"{engine_errors.MAX_ENGINE_STARTS}): {cause}") from e
+            # Serve retries the constructor up to the deployment's max_constructor_retry_count, then gives up.
+            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine did not start: {cause}") from e
         tasks = await self.engine.get_supported_tasks()
         vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
         await vllm_api.init_app_state(self.engine, vllm_app.state, args, tasks)
-        self.http = InFlight(vllm_app)
+        self.http = Admission(vllm_app, _max_ongoing_requests)
         self.url, self._server = await self._serve_http(vllm_app)
         # vLLM's engine-error handler stops this server once the engine died; the health check then fails.
         vllm_app.state.server = self._server
-        await self._sync_adapters()  # no request sees this replica without the adapters loaded at run time
-        self._publish(vllm_routes(vllm_app))
-        # Routers load adapters on the replicas they find published: sync those (un)loaded while this one started.
-        await self._sync_adapters()
+        self._routes = vllm_routes(vllm_app)
         logger.info("model %s: ready at %s (tasks %s, max_model_len %d)", self.spec.name, self.url, tasks,
                     self.engine.model_config.max_model_len)
         # vLLM's Ray workers live in this replica's placement group; where they ran at start (None: no Ray workers).
@@ -140,12 +120,16 @@ class EngineServer:
             if r.status != 200:  # e.g. an adapter's files gone since it was loaded elsewhere: serve the rest
                 logger.warning("model %s: %s %s failed: %s", self.spec.name, path, body, await r.text())
 
-    def _publish(self, routes: list[str]) -> None:
-        from ray import serve
+    async def record_replica_metadata(self) -> dict[str, Any]:
+        """Serve calls this once, after __init__ and before the replica is RUNNING; its controller pushes the answer
+        to every router. The run-time LoRA adapters are synced here, as late as possible: routers load new ones on
+        the replicas they know, and this one is not known before it is RUNNING."""
+        await self._sync_adapters()
+        return {"url": self.url, "routes": self._routes}
 
-        context = serve.get_replica_context()
-        self._key = (context.app_name, context.deployment, context.replica_id.unique_id)
-        replicas.publish(*self._key, self.url, routes)
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this every `metrics_interval_s` of an autoscaled deployment (`app.autoscaling`)."""
+        return engine_load(self.http.count)
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
@@ -158,11 +142,11 @@ class EngineServer:
             if now != self._placement:
                 self._broken = (f"model {self.spec.name!r}: its placement group changed from {self._placement} to "
                                 f"{now} (a node with vLLM workers was lost); replacing the replica")
-                # Serve stops the replica only after its failed checks in a row: until then, no new requests (routers
-                # drop an unpublished replica), its open ones end with the error now, and its workers stop.
+                # Serve stops the replica only after its failed checks in a row: until then, no new requests (refused,
+                # so routers try another replica), its open ones end with the error now, and its workers stop.
                 from app import vllm_api
 
-                replicas.unpublish(*self._key)
+                self.http.closed = "broken"
                 vllm_api.fail_in_flight(self.engine, self._broken)
                 await asyncio.to_thread(self.engine.shutdown)
         if self._broken:
@@ -186,8 +170,8 @@ class EngineServer:
         server and the engine stop. Serve bounds this by the deployment's graceful_shutdown_timeout_s."""
         server = getattr(self, "_server", None)
         if server is not None:
-            replicas.unpublish(*self._key)
-            await asyncio.sleep(2 * replicas.FOLLOW_INTERVAL_S)  # routers notice before the last request is counted
+            await asyncio.sleep(ROUTERS_NOTICE_S)  # requests routed just before the controller's push still count
+            self.http.closed = "stopping"  # any later one goes to another replica
             # Serve force-stops the replica after graceful_shutdown_timeout_s; a broken engine would never finish.
             while self.http.count and not getattr(self, "_broken", None):
                 await asyncio.sleep(0.1)
@@ -197,6 +181,13 @@ class EngineServer:
         if engine is not None:
             engine.shutdown()
             self._errors.unlink(missing_ok=True)
+
+
+def _max_ongoing_requests() -> int:
+    """This deployment's max_ongoing_requests as Serve has it now (a config change updates it in place)."""
+    from ray import serve
+
+    return serve.get_replica_context()._deployment_config.max_ongoing_requests
 
 
 def _placement() -> tuple[str, dict] | None:

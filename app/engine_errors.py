@@ -1,24 +1,21 @@
-"""Why vLLM's engine did not start, told to the replica that started it; and how often it may try.
+"""Why vLLM's engine did not start, told to the replica that started it.
 
 vLLM raises the real cause (missing weights, a CUDA error, ...) in its engine-core or worker process and logs it
 there; the replica only gets "Engine core initialization failed. See root cause above", which is what Ray Serve
 would show in `serve run` and `/health`. A `vllm.general_plugins` entry point adds a logging handler in those
 processes that appends each ERROR's exception line to a file the replica names (`LLM_APP_ENGINE_ERRORS`), and the
 replica raises with those lines when the engine fails to start.
-
-Ray Serve retries a failing replica without end (it only reports the deployment failed after 3 attempts). Each
-failed engine start of a deployment version is counted in Ray's KV store; after `MAX_ENGINE_STARTS` the replicas of
-that version refuse at once with the recorded cause instead of starting vLLM (and taking GPUs) again. A new
-`serve deploy` is a new version and tries again.
+How often a failing engine is tried again is Ray Serve's `max_constructor_retry_count` (the deployment option).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
 import tempfile
+
+import psutil
 
 ERRORS_ENV = "LLM_APP_ENGINE_ERRORS"
 
@@ -66,18 +63,8 @@ def collecting() -> pathlib.Path:
 def remove_orphaned_files(folder: pathlib.Path) -> None:
     for path in folder.glob(f"{FILE_PREFIX}*.log"):
         pid = path.name[len(FILE_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not psutil.pid_exists(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def root_cause(path: pathlib.Path, limit: int = 3) -> str | None:
@@ -88,24 +75,3 @@ def root_cause(path: pathlib.Path, limit: int = 3) -> str | None:
         return None
     distinct = list(dict.fromkeys(line for line in lines if line.strip()))
     return " | ".join(distinct[:limit]) or None
-
-
-MAX_ENGINE_STARTS = 3
-KV_NAMESPACE = "llm_app_engine_starts"
-
-
-def failed_starts(version_key: str) -> tuple[int, str | None]:
-    """(failed engine starts so far, the last cause) of one deployment version."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    value = _internal_kv_get(version_key, namespace=KV_NAMESPACE)
-    record = json.loads(value) if value else {"count": 0, "cause": None}
-    return record["count"], record["cause"]
-
-
-def record_failed_start(version_key: str, cause: str) -> int:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    count = failed_starts(version_key)[0] + 1
-    _internal_kv_put(version_key, json.dumps({"count": count, "cause": cause}), namespace=KV_NAMESPACE)
-    return count

@@ -1,11 +1,12 @@
-"""Where each engine replica's own HTTP server listens, and which replica takes the next request.
+"""Which replica of a model takes the next request, as one router replica sees them.
 
-Engine replicas publish their URL in Ray's KV store under their Serve replica id. A router replica keeps one
-`ReplicaPool` per model: it follows the Serve controller's list of RUNNING replicas (a replica being stopped
-or replaced gets no new requests but finishes its own), picks the least loaded one, bounds each replica at
-`max_ongoing_requests` and the wait at `max_queued_requests` (then 503); with a prefix-aware policy
-(`app.prefix_routing`) a prompt goes where its prefix went before, balanced against load. Pure logic apart from
-the two lookups, which are injected so that tests can drive the pool without Ray.
+A router replica keeps one `ReplicaPool` per model, fed with the RUNNING replicas that Serve's controller pushes
+(`app.replica_directory`; a replica being stopped or replaced gets no new requests but finishes its own). It
+picks the least loaded replica by its own count, bounds its own requests per replica at `max_ongoing_requests`
+and its wait at `max_queued_requests` (then 503). The engine replica enforces the same limit across all routers
+(`app.admission`): a replica that refuses as full is skipped for a moment and the request goes to another or
+waits. With a prefix-aware policy (`app.prefix_routing`) a prompt goes where its prefix went before, balanced
+against load. Pure logic, free of Ray.
 """
 
 from __future__ import annotations
@@ -18,29 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from app.prefix_routing import PrefixAffinity
-from app import kv
 from app.routing import ServedRoutes
 
 logger = logging.getLogger("ray.serve")
 
-KV_NAMESPACE = "llm_app_replicas"
 RETRY_DOWN_AFTER_S = 5.0
-FOLLOW_INTERVAL_S = 0.5  # how often routers re-read the running replicas
+REFUSED_PAUSE_S = 0.05  # a replica that refused as full gets one probing request from this router this often
 NO_REPLICA_WAIT_S = 10.0  # a request for a model with no running replica waits this long for one (e.g. a restart)
-
-
-def publish(app: str, deployment: str, replica_id: str, url: str, routes: list[str]) -> None:
-    """Announces a replica's HTTP server and the POST routes its vLLM app serves."""
-    kv.put(KV_NAMESPACE, app, deployment, replica_id, {"url": url, "routes": routes})
-
-
-def unpublish(app: str, deployment: str, replica_id: str) -> None:
-    kv.delete(KV_NAMESPACE, app, deployment, replica_id)
-
-
-def published(app: str, deployment: str) -> dict[str, dict]:
-    """replica id -> {"url", "routes"} of every replica of `deployment` that published itself."""
-    return kv.records(KV_NAMESPACE, app, deployment)
 
 
 class NoCapacity(Exception):
@@ -51,11 +36,13 @@ class NoCapacity(Exception):
 class Replica:
     replica_id: str
     url: str
-    ongoing: int = 0
+    ongoing: int = 0  # this router's requests on it
     down_since: float | None = None  # set when a connection to it failed
+    full: bool = False  # it refused a request as full (other routers' requests fill it too)
+    refused_until: float = 0.0  # while full: when this router may probe it with one request again
 
     def available(self, now: float) -> bool:
-        return self.down_since is None or now - self.down_since > RETRY_DOWN_AFTER_S
+        return (not self.full or now >= self.refused_until) and (self.down_since is None or now - self.down_since > RETRY_DOWN_AFTER_S)
 
 
 @dataclass
@@ -96,9 +83,11 @@ class ReplicaPool:
         free = [r for r in self.replicas.values() if r.available(now) and r.ongoing < self.max_ongoing]
         if not free:
             return None
-        if self.affinity is None or not prompt:
-            return min(free, key=lambda r: r.ongoing)
-        return self.affinity.choose(free, prompt)
+        chosen = min(free, key=lambda r: r.ongoing) if self.affinity is None or not prompt else \
+            self.affinity.choose(free, prompt)
+        if chosen.full:  # one probe at a time, not every waiting request at once
+            chosen.refused_until = now + REFUSED_PAUSE_S
+        return chosen
 
     @contextlib.asynccontextmanager
     async def slot(self, timeout_s: float, prompt: str | None = None):
@@ -119,6 +108,14 @@ class ReplicaPool:
             if self.waiting:
                 self._notify()
 
+    def mark_refused(self, replica: Replica) -> None:
+        replica.full, replica.refused_until = True, time.monotonic() + REFUSED_PAUSE_S
+
+    def mark_accepted(self, replica: Replica) -> None:
+        if replica.full:
+            replica.full = False
+            self._notify()
+
     def mark_down(self, replica: Replica) -> None:
         replica.down_since = time.monotonic()
         logger.warning("model %s: replica %s at %s refused a connection", self.model, replica.replica_id, replica.url)
@@ -128,12 +125,21 @@ class ReplicaPool:
         try:
             async with asyncio.timeout(timeout_s), self._changed:
                 while (replica := self.pick(prompt)) is None:
-                    await self._changed.wait()
+                    # Woken by a slot of this router's coming free or a new replica, else when a pause ends.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._next_pause_end()):
+                            await self._changed.wait()
                 return replica
         except TimeoutError:
             raise NoCapacity(f"{self._why()} No slot came free within {timeout_s:g} s.") from None
         finally:
             self.waiting -= 1
+
+    def _next_pause_end(self) -> float | None:
+        """Seconds until a replica that refused as full may be tried again (None: none did)."""
+        now = time.monotonic()
+        pauses = [r.refused_until - now for r in self.replicas.values() if r.full and r.refused_until > now]
+        return max(min(pauses), 0.001) if pauses else None
 
     def _notify(self) -> None:
         async def wake():
@@ -149,14 +155,3 @@ class ReplicaPool:
         return (f"The model `{self.model}` is overloaded: {len(self.replicas)} replica(s) at max_ongoing_requests "
                 f"({self.max_ongoing}) and {self.waiting} request(s) waiting (max_queued_requests).")
 
-
-async def follow_replicas(pools: dict[str, ReplicaPool], lookup: Callable[[], Awaitable[dict[str, dict[str, dict]]]],
-                          interval_s: float = FOLLOW_INTERVAL_S) -> None:
-    """Keeps every pool's replicas current: `lookup` returns model -> {replica id: info} of RUNNING replicas."""
-    while True:
-        try:
-            for model, running in (await lookup()).items():
-                pools[model].update(running)
-        except Exception:  # noqa: BLE001 - a controller restart must not stop routing
-            logger.exception("could not refresh the engine replicas")
-        await asyncio.sleep(interval_s)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from app import engine as engine_module
+from app.admission import Admission
 from app.engine import EngineServer
 
 
@@ -32,36 +33,34 @@ class Replica(EngineServer):
         pass
 
 
-def replica(placement_now, monkeypatch) -> tuple[EngineServer, Engine, list]:
+def replica(placement_now, monkeypatch) -> tuple[EngineServer, Engine, Admission]:
     server = Replica.__new__(Replica)
-    unpublished = []
 
     async def serving():
         await asyncio.sleep(3600)
 
     server.spec = SimpleNamespace(name="big")
     server.engine = Engine()
-    server._key = ("llm", "big", "r1")
+    server.http = Admission(None, lambda: 8)
     server._broken = None
     server._placement = ("CREATED", {0: "node-a", 1: "node-b"})
     server._server_task = asyncio.get_running_loop().create_task(serving())
     monkeypatch.setattr(engine_module, "_placement", lambda: placement_now)
-    monkeypatch.setattr(engine_module.replicas, "unpublish", lambda *key: unpublished.append(key))
-    return server, server.engine, unpublished
+    return server, server.engine, server.http
 
 
 def test_a_lost_node_fails_the_check_ends_open_requests_and_stops_the_engine(monkeypatch):
     async def run():
-        server, engine, unpublished = replica(("RESCHEDULING", {0: "node-a", 1: None}), monkeypatch)
+        server, engine, admission = replica(("RESCHEDULING", {0: "node-a", 1: None}), monkeypatch)
         with pytest.raises(RuntimeError, match="placement group changed"):
             await server.check_health()
-        assert unpublished == [("llm", "big", "r1")]  # routers stop sending here
+        assert admission.closed == "broken"  # new requests are refused: routers send them elsewhere
         assert len(engine.errors) == 1 and "placement group changed" in str(engine.errors[0])
         assert type(engine.errors[0]).__name__ == "EngineDeadError"  # what vLLM's handlers turn into an error reply
         assert engine.stopped and engine.checked == 0
         with pytest.raises(RuntimeError, match="placement group changed"):  # and stays failed, done once
             await server.check_health()
-        assert len(engine.errors) == 1 and len(unpublished) == 1
+        assert len(engine.errors) == 1
         server._server_task.cancel()
 
     asyncio.run(run())
@@ -69,9 +68,9 @@ def test_a_lost_node_fails_the_check_ends_open_requests_and_stops_the_engine(mon
 
 def test_an_unchanged_placement_asks_the_engine(monkeypatch):
     async def run():
-        server, engine, unpublished = replica(("CREATED", {0: "node-a", 1: "node-b"}), monkeypatch)
+        server, engine, admission = replica(("CREATED", {0: "node-a", 1: "node-b"}), monkeypatch)
         await server.check_health()
-        assert engine.checked == 1 and not engine.errors and not engine.stopped and not unpublished
+        assert engine.checked == 1 and not engine.errors and not engine.stopped and admission.closed is None
         server._server_task.cancel()
 
     asyncio.run(run())

@@ -101,21 +101,48 @@ def test_update_follows_the_running_set_and_keeps_counts():
     assert "/v1/chat/completions" in p.routes
 
 
-def test_follow_replicas_survives_lookup_errors():
+
+def test_a_replica_refusing_as_full_gets_one_probe_per_pause_and_returns_when_it_accepts(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(replicas.time, "monotonic", lambda: now[0])
+    p = pool(max_ongoing=8, ids=("a",))
+    a = p.replicas["a"]
+    p.mark_refused(a)  # other routers filled it
+    assert p.pick() is None
+    now[0] += replicas.REFUSED_PAUSE_S
+    assert p.pick() is a  # the probe
+    assert p.pick() is None  # only one per pause, not every waiting request at once
+    p.mark_accepted(a)
+    assert p.pick() is a and p.pick() is a
+
+
+def test_a_waiting_request_gets_a_replica_once_it_stops_refusing():
     async def main():
-        pools = {"m": ReplicaPool("m", 1, 1)}
-        calls = []
-
-        async def lookup():
-            calls.append(1)
-            if len(calls) == 1:
-                raise RuntimeError("controller restarting")
-            return {"m": running("a")}
-
-        task = asyncio.create_task(replicas.follow_replicas(pools, lookup, interval_s=0.01))
-        while len(calls) < 3:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        assert set(pools["m"].replicas) == {"a"}
+        p = pool(max_ongoing=8, max_queued=4, ids=("a",))
+        p.mark_refused(p.replicas["a"])
+        started = asyncio.get_running_loop().time()
+        async with p.slot(5) as replica:  # woken when the pause ends, with no slot of this router freed
+            assert replica.replica_id == "a"
+        assert asyncio.get_running_loop().time() - started < 1
 
     asyncio.run(main())
+
+
+def test_updates_from_the_directory_reach_a_subscriber_on_its_loop():
+    from app import replica_directory
+
+    async def main():
+        p = ReplicaPool("m", 1, 1)
+        replica_directory.subscribe("app-t", "dep-t", p.update)
+        # Serve's handle routers run on another thread.
+        await asyncio.to_thread(replica_directory.announce, "app-t", "dep-t", running("a", "b"))
+        while len(p.replicas) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(replica_directory.announce, "app-t", "dep-t", running("b"))
+        while "a" in p.replicas:
+            await asyncio.sleep(0.01)
+        late = ReplicaPool("m", 1, 1)
+        replica_directory.subscribe("app-t", "dep-t", late.update)  # a late subscriber gets the latest at once
+        assert set(late.replicas) == {"b"}
+
+    asyncio.run(asyncio.wait_for(main(), 5))

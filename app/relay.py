@@ -1,0 +1,163 @@
+"""Requests that run on an engine: read `model` (and what limits need), pick a replica, pipe the bytes.
+
+The router parses only what routing and limits need (`model`, `stream`, `n`, prompts, `max_tokens`), then relays
+the request and the response bytes between the client and the chosen engine replica's HTTP server (vLLM's own
+app) unchanged. A replica that refuses the connection, or refuses the request as full or stopping
+(`app.admission`), reached no engine: the request goes to another replica of the same model, or waits for one.
+A client that goes away aborts its engine request: the connection to the engine closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import aiohttp
+
+from app.admission import REFUSED_HEADER
+from app.asgi import header, read_body, wait_for_disconnect
+from app.config import AppConfig
+from app.errors import APIError, engine_failed, overloaded
+from app.metrics import IngressMetrics, RequestRecord
+from app.model_table import ModelTable
+from app.prefix_routing import prompt_text
+from app.replicas import NoCapacity, ReplicaPool
+from app.routing import check_limits, parse_json_object, require_api_key, route_request, spill_target, with_model
+
+logger = logging.getLogger("ray.serve")
+
+FORWARDED_HEADERS = {b"accept", b"endpoint-load-metrics-format", b"traceparent", b"tracestate"}
+# Set by the router's own server, or by the router itself (x-request-id: the id it gave the engine).
+HOP_HEADERS = {b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server", b"x-request-id",
+               REFUSED_HEADER}
+CONNECT_ATTEMPTS = 3
+REFUSED = REFUSED_HEADER.decode()
+
+
+class Relay:
+    def __init__(self, config: AppConfig, table: ModelTable, metrics: IngressMetrics, session: aiohttp.ClientSession,
+                 api_keys: list[str]):
+        self.config, self.table, self.metrics, self.session, self.api_keys = config, table, metrics, session, api_keys
+        self.in_flight: dict[str, int] = dict.fromkeys(table.pools, 0)  # this router's open requests, per model
+
+    async def forward(self, scope, receive, send) -> None:
+        route = scope["path"]
+        record = RequestRecord(self.metrics, route, request_id(scope))
+        try:
+            require_api_key(header(scope, b"authorization"), self.api_keys)
+            body = await read_body(scope, receive, self.config.limits.max_request_bytes)
+            payload = parse_json_object(body)
+            await self.table.adapters.learn(payload.get("model"))
+            routed = route_request(self.config, route, payload, self.table.served(), self.table.adapters.bases())
+            check_limits(payload, self.config.limits)
+        except APIError as e:
+            return await refuse(record, e, scope, send, finish=True)
+        # An adapter exists on its base model only: no spillover.
+        model = spill_target(routed.model, self.config, self.in_flight) if routed.adapter is None else routed.model
+        if model is not routed.model:
+            self.metrics.spillover.labels(routed.model.name, model.name).inc()
+            body = with_model(payload, model.name)
+        record.model, record.backend = model.name, self.table.backends[model.name]
+        pool = self.table.pools[model.name]
+        prompt = prompt_text(route, payload) if pool.affinity is not None else None
+        self.in_flight[model.name] += 1
+        self.metrics.in_flight.labels(model.name).inc()
+        relay = asyncio.create_task(self._relay(scope, body, pool, record, send, prompt))
+        disconnect = asyncio.create_task(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait([relay, disconnect], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, disconnect):
+                task.cancel()  # a client that went away aborts the engine request: its connection closes
+            await asyncio.gather(relay, disconnect, return_exceptions=True)
+            self.in_flight[model.name] -= 1
+            self.metrics.in_flight.labels(model.name).dec()
+            record.finish(record.status or 499)
+
+    async def _relay(self, scope, body: bytes, pool: ReplicaPool, record: RequestRecord, send,
+                     prompt: str | None) -> None:
+        headers = {"content-type": "application/json", "x-request-id": record.request_id}
+        headers |= {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
+        path = scope["path"] + (f"?{scope['query_string'].decode()}" if scope.get("query_string") else "")
+        started = streaming = False
+        try:
+            async with self._engine_response(pool, path, body, headers, prompt) as (replica, response):
+                record.status = response.status
+                record.first_byte()
+                out = [(k, v) for k, v in response.raw_headers if k.lower() not in HOP_HEADERS]
+                out.append((b"x-served-by", pool.model.encode()))  # Ray Serve's replica server adds x-request-id
+                out.append((b"x-served-by-replica", replica.replica_id.encode()))
+                streaming = response.content_type == "text/event-stream"
+                await send({"type": "http.response.start", "status": response.status, "headers": out})
+                started = True
+                async for chunk in response.content.iter_any():
+                    record.chunk(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+        except APIError as e:
+            await refuse(record, e, scope, send)
+        except aiohttp.ClientError as e:
+            logger.warning("engine %s failed: %r", pool.model, e)
+            error = engine_failed(f"The engine failed to answer: {type(e).__name__}: {e}")
+            if not started:
+                return await refuse(record, error, scope, send)
+            record.status = 500
+            # A stream ends with an error event; a JSON body cannot be mended: the connection is cut instead.
+            await send({"type": "http.response.body", "body": error.sse_event() if streaming else b"",
+                        "more_body": not streaming})
+            if not streaming:
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _engine_response(self, pool: ReplicaPool, path: str, body: bytes, headers: dict[str, str],
+                               prompt: str | None):
+        """(replica, the engine's response) from a replica with a free slot (the pool's choice, given the prompt),
+        held until the block ends. A request no engine took (connection refused, refused as full or stopping) is
+        tried on another replica, or waits in the pool's bounded queue."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.request_timeout_s
+        connect_failures = 0
+        while True:
+            try:
+                async with pool.slot(deadline - loop.time(), prompt) as replica:
+                    try:
+                        async with asyncio.timeout(deadline - loop.time()):
+                            response = await self.session.post(f"{replica.url}{path}", data=body, headers=headers)
+                    except aiohttp.ClientConnectorError:
+                        pool.mark_down(replica)
+                        connect_failures += 1
+                        if connect_failures == CONNECT_ATTEMPTS:
+                            raise
+                        continue
+                    except TimeoutError:
+                        raise APIError(504, "The engine did not answer in time (limits.request_timeout_s).",
+                                       "GatewayTimeoutError") from None
+                    refused = response.headers.get(REFUSED)
+                    if refused is not None:
+                        response.release()
+                        pool.mark_refused(replica) if refused == "full" else pool.mark_down(replica)
+                        continue
+                    pool.mark_accepted(replica)
+                    try:
+                        yield replica, response
+                    finally:
+                        response.close()  # no-op once read; an unfinished one drops its connection (engine aborts)
+                    return
+            except NoCapacity as e:
+                raise overloaded(str(e)) from None
+
+
+async def refuse(record: RequestRecord, error: APIError, scope, send, finish: bool = False) -> None:
+    record.status = error.status
+    await error.response()(scope, None, send)
+    if finish:  # refused before the relay started: account for it here
+        record.finish(error.status)
+
+
+def request_id(scope) -> str:
+    """Ray Serve's id for this request: the client's X-Request-Id, or one Serve made (and returns)."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or header(scope, b"x-request-id") or uuid.uuid4().hex
