@@ -465,3 +465,28 @@ def test_lora_modules_reach_vllm_as_vllm_serve_would_parse_them(vllm_names):
     assert [(m.name, m.path, m.base_model_name) for m in args.lora_modules] == [("a", "/p/a", None),
                                                                                ("b=c", "/p,q", None)]
     assert server_args("models/tiny-chat", "tiny-chat", {}).lora_modules is None
+
+
+def test_min_replicas_zero_is_refused_with_the_reason():
+    message = config_error(one_model(deployment={"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}))
+    assert "min_replicas 0 is not supported" in message and "use min_replicas: 1" in message
+
+
+def test_scale_on_engine_needs_autoscaling():
+    message = config_error(one_model(deployment={"scale_on_engine": {"waiting_requests": 4}}))
+    assert "scale_on_engine needs autoscaling_config" in message
+
+
+def test_engine_deployments_scale_on_the_engines_load_and_are_announced_by_serve():
+    from app.builder import engine_serve_options
+    from app.config import ModelDeploymentOptions
+
+    options = ModelDeploymentOptions(autoscaling_config={"min_replicas": 1, "max_replicas": 3},
+                                     scale_on_engine={"kv_cache_usage": 0.8})
+    chosen = engine_serve_options(options)
+    assert chosen["num_replicas"] == "auto" and chosen["max_constructor_retry_count"] == 3
+    assert chosen["request_router_config"] == {"request_router_class": "app.replica_router:EngineReplicaRouter"}
+    assert chosen["autoscaling_config"]["policy"] == {
+        "policy_function": "app.autoscaling:EngineLoadPolicy",
+        "policy_kwargs": {"target_waiting_requests": None, "target_kv_cache_usage": 0.8}}
+    assert "scale_on_engine" not in chosen and "request_router" not in chosen

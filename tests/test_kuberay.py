@@ -48,7 +48,7 @@ RENDER_FLAGS = {
     "serve_configs/cpu.yaml": ["--cpu-workers", "1"],
     "serve_configs/cpu-spillover.yaml": ["--cpu-workers", "1"],
     "serve_configs/cpu-2replicas.yaml": ["--cpu-workers", "1"],
-    "serve_configs/gpu-single.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1", "--cpu-workers", "1"],
+    "serve_configs/gpu-single.yaml": ["--gpu-workers", "2", "--gpus-per-worker", "1", "--cpu-workers", "1"],
     "serve_configs/gpu-multinode.yaml": ["--gpu-workers", "2", "--gpus-per-worker", "8"],
     "serve_configs/gpu-device.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "1"],
     "serve_configs/gpu-device-tp2.yaml": ["--gpu-workers", "1", "--gpus-per-worker", "2"],
