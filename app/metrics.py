@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -82,6 +83,7 @@ class RequestRecord:
     first_byte_s: float | None = None
     last_chunk: float | None = None
     tail: bytes = b""  # the end of the body, where `usage` sits
+    _gaps: Any = None  # the inter-chunk histogram's child for this route and model, looked up once
 
     def first_byte(self) -> None:
         self.first_byte_s = time.perf_counter() - self.started
@@ -90,7 +92,9 @@ class RequestRecord:
     def chunk(self, data: bytes) -> None:
         now = time.perf_counter()
         if self.last_chunk is not None:
-            self.metrics.inter_chunk.labels(self.route, self.model).observe(now - self.last_chunk)
+            if self._gaps is None:
+                self._gaps = self.metrics.inter_chunk.labels(self.route, self.model)
+            self._gaps.observe(now - self.last_chunk)
         self.last_chunk = now
         self.tail = (self.tail + data)[-2048:]
 

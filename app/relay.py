@@ -137,7 +137,10 @@ class Relay:
                     refused = response.headers.get(REFUSED)
                     if refused is not None:
                         response.release()
-                        pool.mark_refused(replica) if refused == "full" else pool.mark_down(replica)
+                        if refused == "full":
+                            pool.mark_refused(replica)
+                        else:  # stopping or broken: out of the tables soon
+                            pool.mark_down(replica, f"is {refused}")
                         continue
                     pool.mark_accepted(replica)
                     try:

@@ -116,9 +116,9 @@ class ReplicaPool:
             replica.full = False
             self._notify()
 
-    def mark_down(self, replica: Replica) -> None:
+    def mark_down(self, replica: Replica, why: str = "refused a connection") -> None:
         replica.down_since = time.monotonic()
-        logger.warning("model %s: replica %s at %s refused a connection", self.model, replica.replica_id, replica.url)
+        logger.warning("model %s: replica %s at %s %s", self.model, replica.replica_id, replica.url, why)
 
     async def _wait(self, timeout_s: float, prompt: str | None) -> Replica:
         self.waiting += 1

@@ -136,6 +136,23 @@ def leftover_processes() -> set[int]:
     return found
 
 
+RUN_ID = "LLM_APP_RUN_ID"  # set for a test or CI run: every process it starts (Ray, vLLM, HAProxy) inherits it
+
+
+def processes_of_run(run_id: str) -> dict[int, str]:
+    """pid -> command line of every process whose environment carries this run's id, but the caller and its
+    ancestors: after a run, these are the processes it left behind."""
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid not in mine and proc.environ().get(RUN_ID) == run_id:
+                found[proc.pid] = " ".join(proc.info["cmdline"] or [])[:200]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
 @contextlib.contextmanager
 def running(server: Server):
     """The server, ready; stopped however the block ends."""
@@ -144,3 +161,12 @@ def running(server: Server):
         yield server
     finally:
         server.stop()
+
+
+if __name__ == "__main__":  # `python scripts/launch.py leftovers RUN_ID`: exit 1 naming what a run left running
+    import sys
+
+    left = processes_of_run(sys.argv[2]) if sys.argv[1:2] == ["leftovers"] else sys.exit(__doc__)
+    for pid, command in sorted(left.items()):
+        print(f"left behind by run {sys.argv[2]}: pid {pid}: {command}")
+    sys.exit(1 if left else 0)

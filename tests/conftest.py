@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 
 import httpx
 import pytest
@@ -17,7 +20,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # 20-40 s per model graph). Users' engines keep vLLM's default; `scripts/bench.py` measures that one.
 os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 sys.path.insert(0, str(ROOT / "scripts"))
-from launch import Server, leftover_processes, running, serve_run  # noqa: E402
+from launch import RUN_ID, Server, processes_of_run, running, serve_run  # noqa: E402
+
+# Every process the suite starts inherits this run's id (so that what it leaves behind can be named and nothing
+# else is touched) and keeps Ray's sessions in a folder of its own, not the user's /tmp/ray.
+os.environ.setdefault(RUN_ID, uuid.uuid4().hex)
+OWN_RAY_DIR = "RAY_TMPDIR" not in os.environ
+if OWN_RAY_DIR:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="llmt-")
 
 
 def import_script(name: str):
@@ -33,13 +43,15 @@ def import_script(name: str):
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
-    """The whole suite leaves no engine or HAProxy process behind (checked after every app of the session stopped)."""
-    before = leftover_processes()
+    """The whole suite leaves no process behind (Ray, vLLM, HAProxy: anything carrying its run id), checked after
+    every app of the session stopped."""
     yield
     deadline = time.monotonic() + 60
-    while (left := leftover_processes() - before) and time.monotonic() < deadline:
+    while (left := processes_of_run(os.environ[RUN_ID])) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not left, f"processes outlived the test session's apps: {sorted(left)}"
+    assert not left, f"processes outlived the test session's apps: {left}"
+    if OWN_RAY_DIR:
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
