@@ -95,10 +95,6 @@ class EngineScalingTargets(Strict):
 class ModelDeploymentOptions(DeploymentOptions):
     """A model's engine deployment: Serve options plus how the router spreads requests over its replicas."""
 
-    health_check_period_s: float = Field(
-        2.0, gt=0, description="Also how soon a replica that died leaves the routers' tables (Serve's controller "
-        "learns it from a failed check, then tells the routers).",
-    )
     request_router: RequestRouterOptions = Field(
         RequestRouterOptions(), description="Replica choice; a policy name alone ('prefix_aware') keeps the defaults."
     )
@@ -163,7 +159,7 @@ class ModelSpec(Strict):
     gpus_per_node: list[int] | None = Field(None, description="Explicit GPUs per pipeline stage, one per node.")
     accelerator: str = Field(
         "GPU", description="The Ray resource that stands for one device of this model's engine workers: GPU, or "
-        "'cpu_device' to run the multi-node path on CPUs under the test platform `app.cpu_ray_platform`."
+        "'cpu_device' to run the multi-node path on CPUs under the test platform `llm_test_support.cpu_ray_platform`."
     )
     engine_args: dict[str, Any] = Field({}, description="vLLM engine arguments under their vLLM names.")
     env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")

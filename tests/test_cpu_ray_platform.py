@@ -12,11 +12,11 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from app import cpu_ray_platform
+from llm_test_support import cpu_ray_platform
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_CHAT = ROOT / "models" / "tiny-chat"
-ENTRY_POINT = "app.cpu_ray_platform:register"
+ENTRY_POINT = "llm_test_support.cpu_ray_platform:register"
 
 
 def plugin_installed() -> bool:
@@ -35,7 +35,7 @@ def test_register_stays_off_unless_enabled(monkeypatch, value):
 @pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
 def test_register_names_the_platform_when_enabled(monkeypatch, value):
     monkeypatch.setenv(cpu_ray_platform.ACTIVATE_ENV, value)
-    assert cpu_ray_platform.register() == "app.cpu_ray_platform.CpuRayPlatform"
+    assert cpu_ray_platform.register() == "llm_test_support.cpu_ray_platform.CpuRayPlatform"
 
 
 def test_platform_is_cpu_with_a_ray_device_key():
