@@ -95,6 +95,10 @@ class EngineScalingTargets(Strict):
 class ModelDeploymentOptions(DeploymentOptions):
     """A model's engine deployment: Serve options plus how the router spreads requests over its replicas."""
 
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="Also bounds how soon a replica that died leaves the routers' tables (Serve's controller "
+        "learns it from a failed check, then pushes the change to the routers).",
+    )
     request_router: RequestRouterOptions = Field(
         RequestRouterOptions(), description="Replica choice; a policy name alone ('prefix_aware') keeps the defaults."
     )
