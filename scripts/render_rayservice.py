@@ -288,9 +288,7 @@ def container(name: str, image: str, size: PodSize, ports: dict[str, int], model
 # Ray Serve's HAProxy mode on every pod (the controller reads it on the head, replicas on the workers): HAProxy
 # on :8000 hands each connection to a router replica's own HTTP server, engines answer from theirs, and no Ray
 # message carries response bytes. Replicas listen on all interfaces so that HAProxy reaches those on other pods.
-# Serve's control loop at 2 Hz (the head's controller): a third of the idle CPU of 10 Hz.
-SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0",
-             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0"}
 
 
 def serve_env() -> list[dict[str, Any]]:
