@@ -87,7 +87,12 @@ def routers_tables(url: str, asks: int = 6) -> list[set[str]]:
 def test_a_killed_replica_leaves_every_routers_table_within_5_s(app):
     before = set().union(*routers_tables(app.url))
     assert len(before) == 1, before
-    victim = next(iter(app.descendant_pids("ServeReplica:llm:tiny-chat")))
+    # The replica scaled down before may still be stopping: kill the one that serves, once it is the only one.
+    deadline = time.monotonic() + 120
+    while len(pids := app.descendant_pids("ServeReplica:llm:tiny-chat")) != 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(pids) == 1, pids
+    victim = next(iter(pids))
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     while set().union(*routers_tables(app.url, 2)) & before and time.monotonic() - killed < 30:
