@@ -5,16 +5,6 @@ from __future__ import annotations
 from app.errors import APIError
 
 
-class ASGIApp:
-    """An ASGI 3 callable (servers tell ASGI 2 from 3 by `__call__`, which a bound method does not show)."""
-
-    def __init__(self, handler):
-        self.handler = handler
-
-    async def __call__(self, scope, receive, send):
-        await self.handler(scope, receive, send)
-
-
 def header(scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:

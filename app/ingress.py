@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from app.asgi import ASGIApp, lifespan
+from app.asgi import lifespan
 from app.config import AppConfig
 from app.errors import APIError, not_found
 from app.lora_admin import LORA_ROUTES, LoRAAdmin
@@ -79,7 +79,7 @@ class Ingress:
             if not handle.is_initialized:
                 handle._init()  # starts its router, which Serve's controller pushes replica changes to (as ray.serve.llm)
         self.session = new_session()
-        return ASGIApp(Router(self.config, table, self.session))
+        return Router(self.config, table, self.session)
 
     async def __del__(self):
         """Serve calls this once the router's requests have drained."""

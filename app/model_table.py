@@ -22,16 +22,16 @@ class ModelTable:
     app_name: str
     deployments: dict[str, str]  # model -> its engine deployment's name
     backends: dict[str, str]  # model -> "cpu" | "gpu"
-    pools: dict[str, ReplicaPool] = field(default_factory=dict)
-    adapters: AdapterTable | None = None
+    pools: dict[str, ReplicaPool] = field(init=False)
+    adapters: AdapterTable = field(init=False)
 
     def __post_init__(self):
-        self.pools = self.pools or {
+        self.pools = {
             m.name: ReplicaPool(m.name, m.deployment.max_ongoing_requests, m.deployment.max_queued_requests,
                                 affinity=affinity(m.deployment.request_router))
             for m in self.config.models
         }
-        self.adapters = self.adapters or AdapterTable(self.config, self.deployments, self.app_name)
+        self.adapters = AdapterTable(self.config, self.deployments, self.app_name)
 
     def follow(self) -> None:
         """Every pool follows its deployment's running replicas as Serve's controller pushes them."""

@@ -166,7 +166,9 @@ def running(server: Server):
 if __name__ == "__main__":  # `python scripts/launch.py leftovers RUN_ID`: exit 1 naming what a run left running
     import sys
 
-    left = processes_of_run(sys.argv[2]) if sys.argv[1:2] == ["leftovers"] else sys.exit(__doc__)
+    if len(sys.argv) != 3 or sys.argv[1] != "leftovers":
+        sys.exit("usage: launch.py leftovers RUN_ID")
+    left = processes_of_run(sys.argv[2])
     for pid, command in sorted(left.items()):
         print(f"left behind by run {sys.argv[2]}: pid {pid}: {command}")
     sys.exit(1 if left else 0)

@@ -95,12 +95,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
 
 
-def running_requests(base_url: str, model: str, headers: dict | None = None) -> float:
-    """The engine's own `vllm:num_requests_running` gauge for `model`, read through the app's /metrics (NaN when the
-    router's scrape of a busy engine timed out)."""
+def running_by_replica(base_url: str, model: str | None = None, headers: dict | None = None) -> dict[str, float]:
+    """replica id -> the engine's own `vllm:num_requests_running` gauge (of `model`, or every model), as the router
+    that answers lists its replicas in /metrics (a busy engine whose scrape timed out is missing)."""
     text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=60).text
-    match = re.search(rf'^vllm:num_requests_running{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else float("nan")
+    found = {}
+    for labels, value in re.findall(r"^vllm:num_requests_running{([^}]*)} (\S+)$", text, re.M):
+        if model is None or f'model_name="{model}"' in labels:
+            replica = re.search(r'replica="([^"]+)"', labels)
+            found[replica.group(1) if replica else labels] = float(value)
+    return found
+
+
+def running_requests(base_url: str, model: str, headers: dict | None = None) -> float:
+    """The engine's own `vllm:num_requests_running` gauge for `model` (NaN when the router's scrape of a busy engine
+    timed out)."""
+    return next(iter(running_by_replica(base_url, model, headers).values()), float("nan"))
 
 
 def wait_running(base_url: str, model: str, predicate, timeout_s: float = 60.0, headers: dict | None = None) -> float:

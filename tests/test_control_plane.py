@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
 
 import httpx
 import pytest
 
-from conftest import ROOT, running, serve_run
+from conftest import ROOT, running, running_by_replica, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -24,13 +23,6 @@ STREAMS = 12
 def app(tmp_path_factory):
     with running(serve_run(ROOT / "tests" / "configs" / "autoscale.yaml", tmp_path_factory.mktemp("scale"))) as app:
         yield app
-
-
-def engine_gauges(url: str) -> dict[str, float]:
-    """replica id -> its `vllm:num_requests_running`, as the router that answers lists its replicas."""
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    return {rid: float(v) for rid, v in
-            re.findall(r'^vllm:num_requests_running{[^}]*replica="([^"]+)"[^}]*} (\S+)$', text, re.M)}
 
 
 async def stream_until(url: str, stop: asyncio.Event, served_by: list[str], failures: list[str]) -> None:
@@ -53,7 +45,7 @@ def test_scales_up_under_streams_with_the_limit_held_across_routers_then_down(ap
         started = time.monotonic()
         try:
             while time.monotonic() - started < 400:
-                for rid, running_now in (await asyncio.to_thread(engine_gauges, app.url)).items():
+                for rid, running_now in (await asyncio.to_thread(running_by_replica, app.url)).items():
                     peaks[rid] = max(peaks.get(rid, 0.0), running_now)
                 if len(set(served_by)) >= 2 and served_by[-STREAMS:].count(served_by[-1]) < STREAMS:
                     break  # a second replica came up and serves
@@ -72,15 +64,15 @@ def test_scales_up_under_streams_with_the_limit_held_across_routers_then_down(ap
     assert peaks and max(peaks.values()) <= MAX_ONGOING, peaks
     assert max(peaks.values()) == MAX_ONGOING, peaks  # the load did reach the limit
     deadline = time.monotonic() + 240  # idle: downscale_delay_s 20, then a graceful stop
-    while len(engine_gauges(app.url)) > 1 and time.monotonic() < deadline:
+    while len(running_by_replica(app.url)) > 1 and time.monotonic() < deadline:
         time.sleep(2)
-    assert len(engine_gauges(app.url)) == 1
+    assert len(running_by_replica(app.url)) == 1
     print(f"back to one replica {240 - (deadline - time.monotonic()):.0f} s after the load stopped")
 
 
 def routers_tables(url: str, asks: int = 6) -> list[set[str]]:
     """The replicas each answer lists; HAProxy spreads the asks over both router replicas."""
-    return [set(engine_gauges(url)) for _ in range(asks)]
+    return [set(running_by_replica(url)) for _ in range(asks)]
 
 
 @pytest.mark.timeout(300)
