@@ -10,22 +10,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import warnings
 from typing import Any
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    # Re-exported here by 0.32 (deprecated path) and defined here in 0.26.
-    from vllm.entrypoints.openai.api_server import (  # noqa: F401  (re-exported)
+try:  # vLLM >= 0.30: the supported home of the OpenAI server's parts
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+except ImportError:  # vLLM 0.26 (the GPU image) has no `launchers`: these are defined, not deprecated, there
+    from vllm.entrypoints.openai.api_server import (  # type: ignore[no-redef]
         build_app,
         build_async_engine_client_from_engine_args,
         init_app_state,
     )
-
-try:  # vLLM >= 0.30
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-except ImportError:  # vLLM 0.26
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
