@@ -169,6 +169,11 @@ class ModelSpec(Strict):
     env: dict[str, str] = Field({}, description="Extra environment variables for the engine replicas.")
     cpu: CPUOptions = CPUOptions()
     deployment: ModelDeploymentOptions = ModelDeploymentOptions()
+    migration_limit: int = Field(
+        3, ge=0, description="Times a generate request whose replica fails mid-answer is handed to another replica "
+        "(a stream continues from the tokens it has; a non-streaming request starts again); 0: it fails instead. "
+        "Other idempotent requests (embeddings, score, tokenize...) are retried once unless this is 0.",
+    )
     fallback: str | None = Field(
         None, description="Opt-in spillover: a model (same task) that serves requests when this one is busy."
     )

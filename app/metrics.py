@@ -42,6 +42,11 @@ class IngressMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "llm_ingress_migrations",
+            "Requests handed to another replica of their model after theirs failed mid-answer (app.migration).",
+            ["model"], registry=self.registry,
+        )
         self.in_flight = Gauge(
             "llm_ingress_requests_in_flight", "Requests open at this ingress replica.", ["model"],
             registry=self.registry,
@@ -83,6 +88,7 @@ class RequestRecord:
     first_byte_s: float | None = None
     last_chunk: float | None = None
     tail: bytes = b""  # the end of the body, where `usage` sits
+    migrations: list[dict] = field(default_factory=list)  # {"from", "to", "tokens"} per hand-over
     _gaps: Any = None  # the inter-chunk histogram's child for this route and model, looked up once
 
     def first_byte(self) -> None:
@@ -109,6 +115,7 @@ class RequestRecord:
             "event": "request", "request_id": self.request_id, "route": self.route, "model": self.model,
             "backend": self.backend, "status": status, **usage, "latency_ms": round(latency * 1000, 1),
             "ttfb_ms": None if self.first_byte_s is None else round(self.first_byte_s * 1000, 1),
+            **({"migrations": self.migrations} if self.migrations else {}),
         }))
 
 

@@ -4,13 +4,14 @@ front, fake engine replicas (small aiohttp servers on loopback) behind; no Ray. 
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 from aiohttp import web
 
-from app import lora_admin
+from app import lora_admin, migration
 from app.admission import REFUSED_HEADER
 from app.config import AppConfig
 from app.ingress import Router, new_session
@@ -232,5 +233,208 @@ def test_admission_counts_engine_requests_only(path, method, counted):
             assert r.json()["error"]["code"] == 503
         else:
             assert r.status_code == 200 and seen == [path]
+
+    run(main())
+
+
+# --- Migration (app.migration): fake vLLM engines that generate a deterministic sequence and die mid-answer. ---
+
+def next_token(sequence: list[int]) -> int:
+    """Greedy decoding of the fake model: the next token depends on the whole sequence (prompt + generated)."""
+    return (sum(sequence) * 31 + len(sequence)) % 97 + 3
+
+
+class FakeVLLM:
+    """One vLLM replica's generate routes as vLLM 0.32 streams them (compact JSON, `token_ids` null unless asked,
+    `kv_transfer_params.prompt_token_ids` as a chat prompt); `die` = (mode, after n tokens) ends its answers early:
+    `reset` (connection cut), `eof` (stream ends without [DONE]), `error` (an engine error event), `500`."""
+
+    def __init__(self, created: int, die: tuple[str, int] | None = None):
+        self.created, self.die, self.bodies = created, die, []
+        app = web.Application()
+        for route in (CHAT, "/v1/completions"):
+            app.router.add_post(route, self.generate)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_get("/metrics", lambda r: web.Response(text=""))
+        self.runner = web.AppRunner(app)
+
+    start = FakeEngine.start
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        if self.die:
+            request.transport.close()
+        return web.json_response({"tokens": [1, 2]})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        chat = request.path == CHAT
+        prompt = (body.get("kv_transfer_params") or {}).get("prompt_token_ids") or (
+            list(body["messages"][-1]["content"].encode()) if chat else
+            body["prompt"] if isinstance(body["prompt"], list) else list(body["prompt"].encode()))
+        count = body.get("max_completion_tokens") or body["max_tokens"]
+        tokens = []
+        for _ in range(count):
+            tokens.append(next_token(prompt + tokens))
+        die_at = self.die[1] if self.die else None
+        if self.die and self.die[0] == "500":
+            return web.json_response({"error": {"message": "EngineDeadError", "code": 500}}, status=500)
+        rid = request.headers["x-request-id"]
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion.chunk" if chat else
+                "text_completion", "created": self.created, "model": body["model"]}
+        ids = body.get("return_token_ids")
+        usage = {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + count, "completion_tokens": count}
+        if not body.get("stream"):
+            if self.die:
+                request.transport.close()
+                return web.Response()
+            text = "".join(f"t{t} " for t in tokens)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
+                {"index": 0, "text": text}
+            return web.json_response({**head, "choices": [{**choice, "finish_reason": "length",
+                                                           "token_ids": tokens if ids else None}], "usage": usage})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(chunk):
+            await response.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+
+        if chat:
+            await send({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}],
+                        "prompt_token_ids": prompt if ids else None})
+        offset = 0
+        for i, token in enumerate(tokens):
+            if i == die_at:
+                if self.die[0] == "reset":
+                    await response.write(b'data: {"id":"half an ev')
+                    request.transport.close()
+                elif self.die[0] == "error":
+                    await response.write(b'data: {"error": {"message": "EngineDeadError", "code": 500}}\n\n'
+                                         b"data: [DONE]\n\n")
+                return response
+            text = f"t{token} "
+            choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+            logprobs = None
+            if body.get("logprobs"):
+                logprobs = {"content": [{"token": text, "logprob": -1.0}]} if chat else \
+                    {"text_offset": [offset], "token_logprobs": [-1.0], "tokens": [text], "top_logprobs": None}
+            offset += len(text)
+            if not chat:  # vLLM sets it on every chunk: null but on the first with return_token_ids
+                choice["prompt_token_ids"] = prompt if ids and i == 0 else None
+            await send({**head, "choices": [{**choice, "logprobs": logprobs, "finish_reason":
+                                             "length" if i == count - 1 else None, "token_ids": [token] if ids else None}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await send({**head, "choices": [], "usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def events(text: str) -> list:
+    assert text.endswith("data: [DONE]\n\n") and text.count("[DONE]") == 1, text
+    return [json.loads(e[6:]) for e in text.split("\n\n")[:-2]]
+
+
+def generate(route: str = CHAT, stream: bool = True, **extra) -> dict:
+    body = {"model": "m", "max_tokens": 8, "stream": stream, "stream_options": {"include_usage": True}} if stream \
+        else {"model": "m", "max_tokens": 8}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if route == CHAT else {"prompt": "hello"}
+    return body | extra
+
+
+async def answer(engines: dict, route: str, body: dict, app_config: AppConfig | None = None):
+    async with router(engines, app_config) as client:
+        r = await client.post(route, json=body, headers={"x-request-id": "req1"})
+        return r, client
+
+
+def reference(route: str, body: dict):
+    """The same request answered by one replica that does not fail."""
+    return asyncio.run(answer({"ok": FakeVLLM(created=1)}, route, body))[0]
+
+
+@pytest.mark.parametrize("route", [CHAT, "/v1/completions"])
+@pytest.mark.parametrize("mode", ["reset", "eof", "error"])
+def test_a_stream_whose_replica_dies_continues_on_another_replica(route, mode, caplog):
+    body = generate(route, logprobs=True) if route == CHAT else generate(route, logprobs=1)
+    expected = events(reference(route, body).text)
+    dying, healthy = FakeVLLM(created=1, die=(mode, 3)), FakeVLLM(created=2)
+    r, client = asyncio.run(answer({"a": dying, "b": healthy}, route, body))
+    got = events(r.text)
+    assert got == expected  # the same id, created, role chunk, text, logprobs (offsets), token_ids null, usage
+    assert len(dying.bodies) == 1 and len(healthy.bodies) == 1 and dying.bodies[0]["return_token_ids"] is True
+    continued = healthy.bodies[0]
+    prompt = list(b"hi" if route == CHAT else b"hello")
+    carried = continued["kv_transfer_params"]["prompt_token_ids"] if route == CHAT else continued["prompt"]
+    assert carried[:len(prompt)] == prompt and len(carried) == len(prompt) + 3 and continued["max_tokens"] == 5
+    assert "migrations" in caplog.text and '"from": "a", "to": "b", "tokens": 3' in caplog.text
+
+
+@pytest.mark.parametrize("route", [CHAT, "/v1/completions"])
+def test_a_non_streaming_request_whose_replica_dies_is_answered_whole_by_another(route):
+    expected = reference(route, generate(route, stream=False)).json()
+    for mode in ("reset", "500"):
+        dying, healthy = FakeVLLM(created=1, die=(mode, 3)), FakeVLLM(created=1)
+        r, _ = asyncio.run(answer({"a": dying, "b": healthy}, route, generate(route, stream=False)))
+        assert r.status_code == 200 and r.json() == expected
+        assert "return_token_ids" not in healthy.bodies[0]  # sent again from the start, unchanged
+
+
+def test_a_client_asking_for_token_ids_gets_them_across_the_migration():
+    body = generate(return_token_ids=True)
+    expected = events(reference(CHAT, body).text)
+    r, _ = asyncio.run(answer({"a": FakeVLLM(1, die=("reset", 4)), "b": FakeVLLM(2)}, CHAT, body))
+    got = events(r.text)
+    assert got == expected and got[0]["prompt_token_ids"] == list(b"hi") and got[5]["choices"][0]["token_ids"]
+
+
+def test_the_migration_limit_bounds_the_hand_overs_then_the_stream_ends_with_one_error():
+    engines = {name: FakeVLLM(1, die=("reset", 2)) for name in "abc"}
+    app_config = AppConfig.model_validate({"models": [
+        {"name": "m", "source": "x", "backend": "cpu", "migration_limit": 1},
+        {"name": "e", "source": "y", "backend": "cpu", "task": "embed"}]})
+    r, _ = asyncio.run(answer(engines, CHAT, generate(), app_config))
+    got = events(r.text)
+    assert "error" in got[-1] and not any("error" in e for e in got[:-1])
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in got[:-1]) == "".join(
+        f"t{t} " for t in _greedy(list(b"hi"), 4))  # 2 tokens per replica, two replicas
+    assert sum(len(e.bodies) for e in engines.values()) == 2
+
+
+def _greedy(prompt: list[int], count: int) -> list[int]:
+    tokens = []
+    for _ in range(count):
+        tokens.append(next_token(prompt + tokens))
+    return tokens
+
+
+def test_no_replica_left_ends_a_stream_with_an_error_event_and_a_json_request_with_json(monkeypatch):
+    monkeypatch.setattr(migration, "WAIT_S", 0.2)
+
+    def dying():
+        return {"a": FakeVLLM(1, die=("reset", 2)), "b": FakeVLLM(1, die=("reset", 2))}
+
+    r, _ = asyncio.run(answer(dying(), CHAT, generate()))
+    got = events(r.text)
+    assert got[-1]["error"]["code"] in (500, 503) and not any("error" in e for e in got[:-1])
+    r, _ = asyncio.run(answer(dying(), CHAT, generate(stream=False)))
+    assert r.status_code in (500, 503) and r.headers["content-type"] == "application/json"
+    assert "data:" not in r.text and r.json()["error"]["message"]
+
+
+def test_an_idempotent_request_is_retried_once_on_another_replica():
+    dying, healthy = FakeVLLM(1, die=("reset", 0)), FakeVLLM(1)
+    r, client = asyncio.run(answer({"a": dying, "b": healthy}, "/tokenize", {"model": "m", "prompt": "x"}))
+    assert r.status_code == 200 and r.json() == {"tokens": [1, 2]}
+    assert len(dying.bodies) + len(healthy.bodies) in (1, 2) and len(healthy.bodies) == 1
+
+
+def test_migrations_are_counted():
+    async def main():
+        async with router({"a": FakeVLLM(1, die=("reset", 3)), "b": FakeVLLM(2)}) as client:
+            await client.post(CHAT, json=generate())
+            text = (await client.get("/metrics")).text
+            assert 'llm_ingress_migrations_total{model="m"} 1.0' in text
 
     run(main())
