@@ -7,6 +7,11 @@ HAProxy processes left behind. Not part of CI:
     .venv/bin/python scripts/soak.py --minutes 30 --kill-every-min 5 --name soak-cpu
 writes benchmarks/<name>.json, .md and .png. Exits non-zero when a request failed outside the recovery window
 after a kill, or a process was left behind.
+
+`--migration`: two replicas of the tiny chat model (tests/configs/migration.yaml) under `--concurrency` greedy
+streams, one replica SIGKILLed whenever both run and `--kill-every-min` passed; in-flight streams move to the other
+replica (`app.migration`), so every failure counts (no recovery window) and so does a stream short of its tokens:
+    .venv/bin/python scripts/soak.py --migration --minutes 10 --kill-every-min 1.5 --concurrency 16 --name soak-migration
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ REQUESTS = [  # (kind, model, route, body)
     ("embeddings", EMBED, "/v1/embeddings", {"model": EMBED, "input": ["one sentence", "and another"]}),
     ("bad", CHAT, "/v1/chat/completions", {"model": CHAT, "messages": "garbage"}),  # a 400 on purpose
 ]
+MIGRATION_TOKENS = 256
+MIGRATION_REQUESTS = [("stream", CHAT, "/v1/chat/completions", {
+    "model": CHAT, "messages": [{"role": "user", "content": "go on"}], "max_tokens": MIGRATION_TOKENS,
+    "ignore_eos": True, "temperature": 0, "logprobs": True, "stream": True, "stream_options": {"include_usage": True}})]
 METHOD_SUFFIX = re.compile(r"\.[a-z_]+$")
 PLOT_MIN_MIB = 150  # processes below this get one summed line in the plot (all are in the table)
 RECOVERY_WINDOW_S = 180  # failures this soon after a kill of the same model are the kill's, not a fault
@@ -58,14 +67,29 @@ async def one_request(client: httpx.AsyncClient, route: str, body: dict) -> tupl
         if r.status_code == 200 and (not lines or lines[-1] != "data: [DONE]" or
                                      any(x.startswith('data: {"error"') for x in lines)):
             return "stream-error", f"{len(lines)} lines, last: {lines[-1][:300] if lines else None}"
+        if r.status_code == 200 and body.get("ignore_eos") and body.get("logprobs"):
+            tokens, usage = tokens_and_usage(lines)
+            if tokens != body["max_tokens"] or usage != body["max_tokens"]:
+                return "stream-short", f"{tokens} tokens, usage {usage}, of {body['max_tokens']}"
         return str(r.status_code), None
     except httpx.HTTPError as e:
         return f"error:{type(e).__name__}", str(e)[:300]
 
 
-async def load(client: httpx.AsyncClient, deadline: float, started: float, log: list) -> None:
+def tokens_and_usage(lines: list[str]) -> tuple[int, int | None]:
+    """(tokens in a chat stream's logprobs, its usage's completion_tokens)."""
+    tokens, usage = 0, None
+    for line in lines[:-1]:
+        event = json.loads(line[6:])
+        for choice in event.get("choices") or []:
+            tokens += len((choice.get("logprobs") or {}).get("content") or [])
+        usage = (event.get("usage") or {}).get("completion_tokens", usage)
+    return tokens, usage
+
+
+async def load(client: httpx.AsyncClient, deadline: float, started: float, log: list, requests: list) -> None:
     while time.monotonic() < deadline:
-        kind, model, route, body = random.choice(REQUESTS)
+        kind, model, route, body = random.choice(requests)
         t0 = time.monotonic()
         outcome, detail = await one_request(client, route, body)
         log.append({"t": round(t0 - started, 2), "kind": kind, "model": model, "outcome": outcome,
@@ -104,42 +128,57 @@ def rss_by_label(root: psutil.Process, seen: set[int]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def replica_pid(root: psutil.Process, model: str) -> int | None:
+def replica_pids(root: psutil.Process, model: str) -> list[int]:
+    pids = []
     for proc in root.children(recursive=True):
         try:
             if proc.cmdline() and proc.cmdline()[0].startswith(f"ray::ServeReplica:llm:{model}"):
-                return proc.pid
+                pids.append(proc.pid)
         except psutil.Error:
             pass
-    return None
+    return pids
+
+
+def replica_pid(root: psutil.Process, model: str, replicas: int) -> int | None:
+    """A replica of `model` to kill, once `replicas` of them run (a migration soak keeps one to move to)."""
+    pids = replica_pids(root, model)
+    return random.choice(pids) if len(pids) >= replicas else None
+
+
+def migrations(url: str) -> float:
+    """Requests moved to another replica, as the routers count them (`llm_ingress_migrations`)."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return sum(float(v) for v in re.findall(r"^llm_ingress_migrations_total{[^}]*} (\S+)$", text, re.M))
 
 
 async def soak(url: str, root: psutil.Process, minutes: float, kill_every_s: float, concurrency: int,
-               sample_s: float, seen: set[int]) -> dict:
+               sample_s: float, seen: set[int], migration: bool = False) -> dict:
     started = time.monotonic()
     deadline = started + minutes * 60
     log: list[dict] = []
     rss: list[dict] = []
     kills: list[dict] = []
-    victims = [CHAT, EMBED]
+    victims = [CHAT] if migration else [CHAT, EMBED]
+    requests = MIGRATION_REQUESTS if migration else REQUESTS
     next_kill = started + kill_every_s
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        workers = [asyncio.create_task(load(client, deadline, started, log)) for _ in range(concurrency)]
+        workers = [asyncio.create_task(load(client, deadline, started, log, requests)) for _ in range(concurrency)]
         while time.monotonic() < deadline:
             await asyncio.sleep(sample_s)
             now = time.monotonic()
             rss.append({"t": round(now - started, 1), "rss_mib": await asyncio.to_thread(rss_by_label, root, seen)})
             if now >= next_kill and now < deadline - 60:
                 model = victims[len(kills) % len(victims)]
-                pid = replica_pid(root, model)
+                pid = replica_pid(root, model, 2 if migration else 1)
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
                     kills.append({"t": round(now - started, 1), "model": model, "pid": pid})
-                next_kill += kill_every_s
+                    next_kill = max(next_kill + kill_every_s, now + (kill_every_s if migration else 0))
             done = collections.Counter(r["outcome"] for r in log)
             print(f"t={now - started:>6.0f}s kills={len(kills)} {dict(done)}", flush=True)
         await asyncio.gather(*workers)
-    return {"requests": log, "rss": rss, "kills": kills}
+    moved = await asyncio.to_thread(migrations, url)
+    return {"requests": log, "rss": rss, "kills": kills, "migrations": moved, "migration": migration}
 
 
 def recovery(log: list[dict], kills: list[dict]) -> list[dict]:
@@ -158,11 +197,11 @@ def recovery(log: list[dict], kills: list[dict]) -> list[dict]:
     return out
 
 
-def unexpected_failures(log: list[dict], kills: list[dict]) -> list[dict]:
+def unexpected_failures(log: list[dict], kills: list[dict], migration: bool = False) -> list[dict]:
     def explained(r):
         if r["outcome"] == ("400" if r["kind"] == "bad" else "200"):
             return True
-        return any(
+        return not migration and any(
             k["model"] == r["model"] and k["t"] - 60 <= r["t"] <= k["t"] + RECOVERY_WINDOW_S for k in kills)
     return [r for r in log if not explained(r)]
 
@@ -196,6 +235,8 @@ def memory_trend(rss: list[dict], minutes: float) -> dict[str, dict]:
 
 def markdown(report: dict) -> str:
     totals = collections.Counter(r["outcome"] for r in report["requests"])
+    if report.get("migration"):
+        return migration_markdown(report, totals)
     lines = [f"# Soak: {report['minutes']} min, embedded default (serve_configs/cpu.yaml), 2-core machine", "",
              f"{report['concurrency']} clients, mixed load (chat, streaming chat, completions n=2, embeddings, "
              f"deliberate 400s); one engine replica SIGKILLed every {report['kill_every_min']} min, alternating "
@@ -209,6 +250,24 @@ def markdown(report: dict) -> str:
         lines.append(f"| {k['t']} | {k['model']} | {k['failed_requests']} | {k['outcomes']} | "
                      f"{k['serving_again_after_s']} |")
     lines += ["", "| process | RSS first fifth MiB | last fifth MiB | change |", "|---|---|---|---|"]
+    for label, t in report["memory_trend"].items():
+        lines.append(f"| {label} | {t['first_mib']} | {t['last_mib']} | {t['change_mib']:+d} |")
+    return "\n".join(lines) + "\n"
+
+
+def migration_markdown(report: dict, totals: collections.Counter) -> str:
+    lines = [f"# Migration soak: {report['minutes']} min, 2 tiny-chat replicas (tests/configs/migration.yaml), "
+             "2-core machine", "",
+             f"{report['concurrency']} live greedy streams ({MIGRATION_TOKENS} tokens, ignore_eos, logprobs); one "
+             f"replica SIGKILLed whenever both ran and {report['kill_every_min']} min had passed. A stream counts "
+             "as failed unless it ends with [DONE], has no error event, and carries every token (logprobs) and "
+             f"usage. Plot: `{report['name']}.png`; every request, RSS sample and kill: `{report['name']}.json`.", "",
+             f"- streams: {sum(totals.values())}, by outcome: {dict(totals)}",
+             f"- client-visible failures: {len(report['unexpected_failures'])}",
+             f"- kills: {len(report['kills'])}; requests moved to the other replica (llm_ingress_migrations): "
+             f"{report['migrations']:.0f}",
+             f"- processes left behind after the app stopped: {len(report['leaked_processes'])}", "",
+             "| process | RSS first fifth MiB | last fifth MiB | change |", "|---|---|---|---|"]
     for label, t in report["memory_trend"].items():
         lines.append(f"| {label} | {t['first_mib']} | {t['last_mib']} | {t['change_mib']:+d} |")
     return "\n".join(lines) + "\n"
@@ -262,17 +321,19 @@ def main() -> int:
     parser.add_argument("--name", default="soak-cpu")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     parser.add_argument("--report", help="only re-render the report of this earlier run's JSON")
+    parser.add_argument("--migration", action="store_true", help="2 chat replicas, streams that must survive kills")
     args = parser.parse_args()
     if args.report:
         saved = json.loads(pathlib.Path(args.report).read_text())
         return write_report(saved["name"], args.out_dir, saved["minutes"], saved["kill_every_min"],
                             saved["concurrency"], saved, saved["leaked_processes"])
     seen: set[int] = set()  # every pid of the app's process tree, sampled
+    config = ROOT / "tests" / "configs" / "migration.yaml" if args.migration else ROOT / "serve_configs" / "cpu.yaml"
     with tempfile.TemporaryDirectory() as workdir:
-        with running(serve_run(ROOT / "serve_configs" / "cpu.yaml", pathlib.Path(workdir))) as app:
+        with running(serve_run(config, pathlib.Path(workdir))) as app:
             root = psutil.Process(app.process.pid)
             result = asyncio.run(soak(app.url, root, args.minutes, args.kill_every_min * 60, args.concurrency,
-                                      args.sample_s, seen))
+                                      args.sample_s, seen, args.migration))
     deadline = time.monotonic() + 60
     while (left := leftover_processes() & seen) and time.monotonic() < deadline:
         time.sleep(1)
@@ -285,7 +346,8 @@ def write_report(name: str, out_dir: str, minutes: float, kill_every_min: float,
     report = {"name": name, "minutes": minutes, "kill_every_min": kill_every_min, "concurrency": concurrency,
               "requests": result["requests"], "rss": result["rss"], "kills": result["kills"],
               "per_minute": per_minute(result["requests"]), "recovery": recovery(result["requests"], result["kills"]),
-              "unexpected_failures": unexpected_failures(result["requests"], result["kills"]),
+              "unexpected_failures": unexpected_failures(result["requests"], result["kills"], result.get("migration")),
+              "migration": result.get("migration", False), "migrations": result.get("migrations"),
               "memory_trend": memory_trend(result["rss"], minutes), "leaked_processes": leaked}
     out = pathlib.Path(out_dir)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))

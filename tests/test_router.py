@@ -323,8 +323,9 @@ class FakeVLLM:
             offset += len(text)
             if not chat:  # vLLM sets it on every chunk: null but on the first with return_token_ids
                 choice["prompt_token_ids"] = prompt if ids and i == 0 else None
-            await send({**head, "choices": [{**choice, "logprobs": logprobs, "finish_reason":
-                                             "length" if i == count - 1 else None, "token_ids": [token] if ids else None}]})
+            finish = "length" if i == count - 1 else None
+            await send({**head, "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish,
+                                             "token_ids": [token] if ids else None}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({**head, "choices": [], "usage": usage})
         await response.write(b"data: [DONE]\n\n")
