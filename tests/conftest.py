@@ -91,8 +91,12 @@ def local_ray_cluster(**head_args):
 
 
 def pytest_collection_modifyitems(items):
-    # Integration tests share one app per session; run the fast unit tests first.
-    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+    # The fast unit tests first; the tests of the session's shared app last, so that it starts once the modules
+    # with apps of their own are done and does not idle beside them (module order is kept otherwise).
+    def shares_the_app(item) -> bool:
+        return bool({"cpu_app", "base_url"} & set(getattr(item, "fixturenames", ())))  # with what they need
+
+    items.sort(key=lambda item: (item.get_closest_marker("integration") is not None, shares_the_app(item)))
 
 
 def running_by_replica(base_url: str, model: str | None = None, headers: dict | None = None) -> dict[str, float]:
