@@ -4,7 +4,8 @@ The router parses only what routing and limits need (`model`, `stream`, `n`, pro
 the request and the response bytes between the client and the chosen engine replica's HTTP server (vLLM's own
 app) unchanged. A replica that refuses the connection, or refuses the request as full or stopping
 (`app.admission`), reached no engine: the request goes to another replica of the same model, or waits for one.
-A client that goes away aborts its engine request: the connection to the engine closes.
+One that fails mid-answer hands the request on to another replica (`app.migration`): a stream continues from the
+tokens it has. A client that goes away aborts its engine request: the connection to the engine closes.
 """
 
 from __future__ import annotations

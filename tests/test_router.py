@@ -326,6 +326,9 @@ class FakeVLLM:
             finish = "length" if i == count - 1 else None
             await send({**head, "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish,
                                              "token_ids": [token] if ids else None}]})
+        if die_at == count:  # every token sent, the end lost
+            request.transport.close()
+            return response
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({**head, "choices": [], "usage": usage})
         await response.write(b"data: [DONE]\n\n")
@@ -380,6 +383,21 @@ def test_a_non_streaming_request_whose_replica_dies_is_answered_whole_by_another
         r, _ = asyncio.run(answer({"a": dying, "b": healthy}, route, generate(route, stream=False)))
         assert r.status_code == 200 and r.json() == expected
         assert "return_token_ids" not in healthy.bodies[0]  # sent again from the start, unchanged
+
+
+def test_a_stream_moves_as_often_as_its_replicas_die_within_the_limit():
+    body = generate(max_tokens=9, logprobs=True)
+    expected = events(reference(CHAT, body).text)
+    engines = {"a": FakeVLLM(1, die=("reset", 2)), "b": FakeVLLM(2, die=("error", 3)), "c": FakeVLLM(3)}
+    r, _ = asyncio.run(answer(engines, CHAT, body))
+    assert events(r.text) == expected
+    assert [e.bodies[0]["max_tokens"] for e in engines.values()] == [9, 7, 4]
+
+
+def test_a_stream_that_lost_only_its_end_gets_its_usage_and_done():
+    expected = events(reference(CHAT, generate()).text)
+    r, _ = asyncio.run(answer({"a": FakeVLLM(1, die=("reset", 8)), "b": FakeVLLM(2)}, CHAT, generate()))
+    assert events(r.text) == expected
 
 
 def test_a_client_asking_for_token_ids_gets_them_across_the_migration():
