@@ -95,10 +95,6 @@ class EngineScalingTargets(Strict):
 class ModelDeploymentOptions(DeploymentOptions):
     """A model's engine deployment: Serve options plus how the router spreads requests over its replicas."""
 
-    health_check_period_s: float = Field(
-        2.0, gt=0, description="Also bounds how soon a replica that died leaves the routers' tables (Serve's controller "
-        "learns it from a failed check, then pushes the change to the routers).",
-    )
     request_router: RequestRouterOptions = Field(
         RequestRouterOptions(), description="Replica choice; a policy name alone ('prefix_aware') keeps the defaults."
     )
@@ -134,16 +130,47 @@ class IngressOptions(DeploymentOptions):
 
 
 class CPUOptions(Strict):
-    """Settings for models served by vLLM's CPU build."""
+    """Settings for models served by vLLM's CPU build, including which cores each engine computes on.
+
+    With `omp_threads_bind: auto` (the default) the replica picks its engine's cores when it starts, from the cores
+    it really has (its CPU affinity, capped by the node's cgroup CPU quota), never from Ray's `num_cpus` (Ray sets
+    OMP_NUM_THREADS=1 for a fractional `num_cpus`): `threads` cores for vLLM's worker, handed to vLLM as an explicit
+    core list (VLLM_CPU_OMP_THREADS_BIND), `reserved_cpus` left to vLLM's engine core and the replica's server.
+    Several engines on one node (`app.cpu`'s claim table, one per node): `share: own` takes cores no other engine
+    computes on while there are any (the reserved ones last), so two engines on a laptop get disjoint cores;
+    `share: shared` computes on the first cores of its set whoever else does, best with a `nice` above 0 so that the
+    engines that own those cores go first."""
 
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE: KV cache size in GiB.")
     omp_threads_bind: str = Field(
-        "auto", description="VLLM_CPU_OMP_THREADS_BIND: 'auto', 'nobind' or a core list such as '0-3'."
+        "auto", description="'auto': the app picks the cores (threads, reserved_cpus, share); 'nobind' or a core list "
+        "such as '0-3' goes to vLLM's VLLM_CPU_OMP_THREADS_BIND unchanged.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Cores (OpenMP threads) of vLLM's worker; default: the replica's cores minus "
+        "reserved_cpus.",
     )
     reserved_cpus: int | None = Field(
-        None, ge=0, description="VLLM_CPU_NUM_OF_RESERVED_CPU: cores left to the replica's own Python work."
+        None, ge=0, description="Cores kept free of the worker's threads for vLLM's engine core and the replica's "
+        "server; default: 1 where the replica has 2 or more cores (vLLM's own rule), else 0.",
+    )
+    share: Literal["own", "shared"] = Field(
+        "own", description="own: cores no other engine on the node computes on, while there are any. shared: the "
+        "first cores of the replica's set, whoever else computes on them (pair with nice).",
+    )
+    nice: int = Field(
+        0, ge=0, le=19, description="OS niceness of the engine's processes (the replica, vLLM's engine core and "
+        "worker): above 0 they yield their cores to engines at 0.",
     )
     max_num_seqs: int | None = Field(None, ge=1, description="Batch limit (sequences per engine step).")
+
+    @model_validator(mode="after")
+    def _app_rules_need_auto(self) -> "CPUOptions":
+        picked = {"threads", "share"} & self.model_fields_set
+        if self.omp_threads_bind != "auto" and picked:
+            raise ValueError(f"{sorted(picked)} need omp_threads_bind 'auto' (a core list or 'nobind' is passed to "
+                             "vLLM as it is)")
+        return self
 
 
 class ModelSpec(Strict):

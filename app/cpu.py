@@ -1,17 +1,34 @@
 """The CPU-actor deployment: lightweight models (embeddings, small chat) on vLLM's CPU build.
 
 Replicas hold no GPU, reserve a configurable share of logical CPUs, and get the CPU engine's settings
-(KV cache size, thread binding, batch limits) from the model's `cpu:` options through `runtime_env`.
-They scale on their own (`deployment.num_replicas` / `autoscaling_config`) and can be pinned to
-CPU-image nodes with a custom resource (`deployment.resources`).
+(KV cache size, batch limits) from the model's `cpu:` options through `runtime_env`. Each replica picks its
+engine's cores when it starts (`engine_cores`): from the cores it really has (CPU affinity, capped by the cgroup CPU
+quota), never from Ray's `num_cpus` (Ray sets OMP_NUM_THREADS=1 for a fractional `num_cpus`, and vLLM's own
+auto-bind puts every engine of a node on the same cores, vLLM #43240). Engines of one node share a claim table (a
+file under the node's temp folder, locked while read and written) so that each takes cores no other engine
+computes on while there are any. Replicas scale on their own (`deployment.num_replicas` / `autoscaling_config`) and
+can be pinned to CPU-image nodes with a custom resource (`deployment.resources`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import pathlib
+import tempfile
 from typing import Any
 
-from app.config import ModelSpec
+from app.config import CPUOptions, ModelSpec
 from app.engine import EngineServer
+
+logger = logging.getLogger("ray.serve")
+
+CLAIMS_FILE = pathlib.Path(tempfile.gettempdir()) / "llm-app-cpu-cores.json"  # pid -> cores, one per node
+CGROUP_CPU_MAX = pathlib.Path("/sys/fs/cgroup/cpu.max")
 
 
 class CPUEngineServer(EngineServer):
@@ -21,11 +38,28 @@ class CPUEngineServer(EngineServer):
     def _visible_gpus(engine_overrides: dict[str, Any]) -> int | None:
         return None
 
+    def _prepare_process(self) -> None:
+        """Before vLLM starts: the engine's cores (vLLM's engine core and worker inherit this environment) and
+        niceness."""
+        options = self.spec.cpu
+        if options.nice:
+            os.nice(options.nice - os.nice(0))  # the replica, then vLLM's processes it starts
+        if "OMP_NUM_THREADS" not in self.spec.env:
+            # Ray's, from num_cpus < 1. vLLM's engine core then runs torch at 1 thread as under `vllm serve`, and
+            # its worker gets one OpenMP thread per core of the list below.
+            os.environ.pop("OMP_NUM_THREADS", None)
+        if options.omp_threads_bind != "auto":
+            return
+        cores = claim_cores(options, available_cores())
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_list(cores)
+        logger.info("model %s: vLLM's worker computes on cores %s (of %s; share %s, nice %d)", self.spec.name,
+                    core_list(cores), core_list(available_cores()), options.share, options.nice)
+
 
 def cpu_environment(spec: ModelSpec) -> dict[str, str]:
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(spec.cpu.kv_cache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": spec.cpu.omp_threads_bind,
+        "VLLM_CPU_OMP_THREADS_BIND": spec.cpu.omp_threads_bind,  # 'auto': the replica sets a core list at start
         # vLLM 0.32's CPU build with torch 2.13 cannot load its AOT compile cache ("'function' object has no
         # attribute 'finalize_loading'") and compiles again at every start; the plain compile cache loads (-5 s).
         "VLLM_USE_AOT_COMPILE": "0",
@@ -47,3 +81,65 @@ def cpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         "runtime_env": {"env_vars": cpu_environment(spec)},
     }
     return overrides, {"ray_actor_options": actor}
+
+
+def available_cores(cpu_max: pathlib.Path = CGROUP_CPU_MAX) -> list[int]:
+    """The cores this process may run on: its CPU affinity, the first ceil(quota) of them under a cgroup CPU quota."""
+    cores = sorted(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = cores[: max(1, math.ceil(int(quota) / int(period)))]
+    return cores
+
+
+def pick_cores(options: CPUOptions, cores: list[int], claimed: dict[int, int]) -> list[int]:
+    """The worker's cores out of `cores`, given how many engines of the node already compute on each (`claimed`).
+    Pure: the rule of CPUOptions' docs."""
+    reserved = options.reserved_cpus if options.reserved_cpus is not None else (1 if len(cores) >= 2 else 0)
+    reserved = min(reserved, len(cores) - 1)
+    wanted = min(options.threads or len(cores) - reserved, len(cores))
+    if options.share == "shared":
+        return cores[:wanted]
+    # Free cores first, the reserved ones (the last) after the others, then the least claimed.
+    order = sorted(range(len(cores)), key=lambda i: (claimed.get(cores[i], 0), i >= len(cores) - reserved, i))
+    return sorted(cores[i] for i in order[:wanted])
+
+
+def claim_cores(options: CPUOptions, cores: list[int], claims_file: pathlib.Path = CLAIMS_FILE) -> list[int]:
+    """`pick_cores` against the node's claim table; an `own` pick is recorded for this process (claims of processes
+    that are gone are dropped)."""
+    claims_file.touch(exist_ok=True)
+    with claims_file.open("r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            table = {int(pid): list(c) for pid, c in json.loads(f.read() or "{}").items() if _alive(int(pid))}
+        except (ValueError, AttributeError):
+            table = {}
+        table.pop(os.getpid(), None)
+        claimed: dict[int, int] = {}
+        for owned in table.values():
+            for core in owned:
+                claimed[core] = claimed.get(core, 0) + 1
+        picked = pick_cores(options, cores, claimed)
+        if options.share == "own":
+            table[os.getpid()] = picked
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(table))
+    return picked
+
+
+def core_list(cores: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0,1,2,5': vLLM's VLLM_CPU_OMP_THREADS_BIND syntax for one worker."""
+    return ",".join(map(str, cores))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

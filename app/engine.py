@@ -42,6 +42,7 @@ class EngineServer:
 
     async def __init__(self, spec: dict[str, Any], engine_overrides: dict[str, Any]):
         self.spec = ModelSpec.model_validate(spec)
+        self._prepare_process()
         problem = runtime_problem(self.backend, installed_vllm_build(), self._visible_gpus(engine_overrides),
                                   self.spec.accelerator)
         if problem:
@@ -77,6 +78,9 @@ class EngineServer:
         # vLLM's Ray workers live in this replica's placement group; where they ran at start (None: no Ray workers).
         self._placement = await asyncio.to_thread(_placement) if self._uses_ray_workers(engine_overrides) else None
         self._broken: str | None = None
+
+    def _prepare_process(self) -> None:
+        """Process settings the engine's processes inherit, set before vLLM starts (CPU engines: their cores)."""
 
     async def _serve_http(self, app) -> tuple[str, Any]:
         """vLLM's app on a uvicorn server of this replica, on a port the OS picks; returns (URL, server)."""
