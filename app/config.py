@@ -272,6 +272,10 @@ class RequestLimits(Strict):
     request_timeout_s: float = Field(
         600, gt=0, description="Longest wait for an engine's first byte before the client gets 504."
     )
+    starting_model_wait_s: float = Field(
+        60, ge=0, description="How long a request for a model with no running replica (starting, or restarting "
+        "after a failure) waits for one before the client gets 503; `/v1/models` tells which models are `ready`.",
+    )
 
 
 class AppConfig(Strict):

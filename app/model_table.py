@@ -28,7 +28,8 @@ class ModelTable:
     def __post_init__(self):
         self.pools = {
             m.name: ReplicaPool(m.name, m.deployment.max_ongoing_requests, m.deployment.max_queued_requests,
-                                affinity=affinity(m.deployment.request_router))
+                                affinity=affinity(m.deployment.request_router),
+                                no_replica_wait_s=self.config.limits.starting_model_wait_s)
             for m in self.config.models
         }
         self.adapters = AdapterTable(self.config, self.deployments, self.app_name)

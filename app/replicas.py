@@ -25,7 +25,7 @@ logger = logging.getLogger("ray.serve")
 
 RETRY_DOWN_AFTER_S = 5.0
 REFUSED_PAUSE_S = 0.05  # a replica that refused as full gets one probing request from this router this often
-NO_REPLICA_WAIT_S = 10.0  # a request for a model with no running replica waits this long for one (e.g. a restart)
+NO_REPLICA_WAIT_S = 60.0  # a request for a model with no running replica waits this long for one (limits.starting_model_wait_s)
 
 
 class NoCapacity(Exception):
@@ -57,6 +57,7 @@ class ReplicaPool:
     routes: ServedRoutes | None = None  # known once a replica published them
     problem: str | None = None  # Ray Serve's message while the deployment is not healthy
     affinity: PrefixAffinity | None = None  # prefix-aware choice (deployment.request_router); None: least loaded
+    no_replica_wait_s: float = NO_REPLICA_WAIT_S  # while no replica runs (starting, restarting): the longest wait
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def update(self, running: dict[str, dict]) -> None:
@@ -97,7 +98,7 @@ class ReplicaPool:
         if replica is None:
             if 0 <= self.max_queued <= self.waiting:
                 raise NoCapacity(self._why())
-            replica = await self._wait(timeout_s if self.replicas else min(timeout_s, NO_REPLICA_WAIT_S), prompt)
+            replica = await self._wait(timeout_s if self.replicas else min(timeout_s, self.no_replica_wait_s), prompt)
         if self.affinity is not None and prompt:
             self.affinity.record(prompt, replica.replica_id)
         replica.ongoing += 1
