@@ -3,8 +3,13 @@
 Each system starts in turn on this machine; vLLM's own benchmark client (`vllm bench serve`: random
 dataset, --ignore-eos) drives streaming chat; an async client drives embeddings (batches of sentences).
 Writes benchmarks/<name>.json and .md (and a PNG if matplotlib is installed), ratios against `vllm serve`.
+Systems: `vllm serve` (chat, then embeddings), the app with both embedded models through one URL (`app`) and, in the
+same app, straight to the chat engine replica's own server (`app-direct`: the router's and HAProxy's cost is the
+difference), the app with the chat model only (`app-chat`), and `ray.serve.llm` in its default and fastest modes.
+Each is measured once it can serve: the app when its `/health` says every model's engine answers, `vllm serve` when
+its `/health` answers.
 
-    .venv/bin/python scripts/bench.py                    # everything (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/bench.py                    # everything (about 15 minutes on 2 cores)
     .venv/bin/python scripts/bench.py --systems app,vllm --skip-embeddings
     .venv/bin/python scripts/bench.py --routing         # only: least_loaded vs prefix_aware replica choice
 
@@ -150,6 +155,24 @@ async def embed_load(url: str, requests: int, concurrency: int) -> dict:
             "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 1)}
 
 
+def engine_url(server: Server, model: str) -> str | None:
+    """The URL of `model`'s engine replica's own server, from the replica's start-up line in the app's log."""
+    import re
+
+    found = re.findall(rf"model {re.escape(model)}: ready at (http://\S+)", server.log_path.read_text(errors="replace"))
+    return found[-1] if found else None
+
+
+def chat_only_config(config: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+    """`config` with the chat model alone."""
+    text = yaml.safe_load(config.read_text())
+    app = text["applications"][0]["args"]
+    app["models"] = [m for m in app["models"] if m["name"] == CHAT_MODEL]
+    path = workdir / f"{config.stem}-chat-only.yaml"
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    return path
+
+
 def measure(label: str, server: Server, work, progress) -> dict:
     progress(f"{label}: starting")
     try:
@@ -169,6 +192,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 CHAT_SYSTEMS = ("app", "vllm-serve", "ray-serve-llm", "ray-serve-llm-fast")
+APP_VARIANTS = ("app-chat", "app-direct")  # ratios against vllm serve, like the app's
 
 
 def summarize(results: dict) -> dict:
@@ -185,6 +209,18 @@ def summarize(results: dict) -> dict:
         ratios[f"app/vllm median TTFT, {level}"] = ratio(app.get("p50_ttft_ms"), vllm[level]["p50_ttft_ms"])
         ratios[f"app - vllm median TTFT ms, {level}"] = (
             round(app["p50_ttft_ms"] - vllm[level]["p50_ttft_ms"], 1) if app else None)
+    for system in APP_VARIANTS:
+        for level in (k for k in vllm if k.startswith("c") and k in results.get(system, {})):
+            ratios[f"{system}/vllm output tok/s, {level}"] = ratio(
+                results[system][level]["output_throughput"], vllm[level]["output_throughput"])
+            ratios[f"{system}/vllm median TTFT, {level}"] = ratio(
+                results[system][level]["p50_ttft_ms"], vllm[level]["p50_ttft_ms"])
+    for level in (k for k in results.get("app-direct", {}) if k.startswith("c") and k in results.get("app", {})):
+        direct, routed = results["app-direct"][level], results["app"][level]
+        ratios[f"router: app/app-direct output tok/s, {level}"] = ratio(
+            routed["output_throughput"], direct["output_throughput"])
+        ratios[f"router: app - app-direct median TTFT ms, {level}"] = round(
+            routed["p50_ttft_ms"] - direct["p50_ttft_ms"], 1)
     ratios["app/vllm embeddings req/s"] = ratio(results.get("app", {}).get("embed", {}).get("requests_per_s"),
                                                 results.get("vllm-serve-embed", {}).get("requests_per_s"))
     # The app holds both models; vllm serve needs one process per model.
@@ -200,7 +236,7 @@ def markdown(report: dict, args) -> str:
     for name, r in report["results"].items():
         for level, c in sorted(((k, v) for k, v in r.items() if k.startswith("c")), key=lambda kv: -int(kv[0][1:])):
             rows.append(f"| {name} | {level[1:]} | {c['output_throughput']} | {c['p50_ttft_ms']} | {c['p99_ttft_ms']} | "
-                        f"{c['p50_tpot_ms']} | {c['p99_itl_ms']} | {r['idle_rss_mib']} |")
+                        f"{c['p50_tpot_ms']} | {c['p99_itl_ms']} | {r.get('idle_rss_mib', 'same as app')} |")
     embeds = [(n, r.get("embed", r)) for n, r in report["results"].items() if "requests_per_s" in r.get("embed", r)]
     rows += ["", "| system | embeddings req/s (16 sentences each) | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
     rows += [f"| {n} | {e['requests_per_s']} | {e['p50_ms']} | {e['p99_ms']} |" for n, e in embeds]
@@ -208,7 +244,8 @@ def markdown(report: dict, args) -> str:
     rows += [f"| {k} | {v} |" for k, v in report["ratios"].items()]
     setup = (f"Streaming chat: {args.num_prompts} requests at each concurrency above 1 ({args.single_stream_prompts} "
              f"at 1), {args.input_len} tokens in, {args.output_len} out (`vllm bench serve`, random dataset, "
-             f"--ignore-eos). The app serves both embedded models behind one URL (serve_configs/cpu.yaml). "
+             f"--ignore-eos). The app serves both embedded models behind one URL (serve_configs/cpu.yaml); app-direct: the "
+             f"same app's chat engine replica's own server (no HAProxy, no router); app-chat: the chat model alone. "
              f"Embeddings: {args.embed_requests} requests of 16 sentences, {args.embed_concurrency} concurrent.")
     return "\n".join([setup, "", *rows, ""])
 
@@ -229,7 +266,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
                                   ["output tokens/s (higher is better)", "median TTFT ms", "median TPOT ms"]):
             names = [n for n in chat if level in chat[n]]
             ax.bar(names, [chat[n][level][key] for n in names],
-                   color=["#2a9d8f", "#8d99ae", "#e76f51", "#f4a261"][: len(names)])
+                   color=["#2a9d8f", "#8d99ae", "#e76f51", "#f4a261", "#264653", "#e9c46a"][: len(names)])
             ax.set_title(f"{title}, {level[1:]} stream(s)")
             ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
@@ -365,7 +402,8 @@ def write_report(report: dict, name: str, text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default="app,vllm,ray,ray-fast", help="comma list of app, vllm, ray, ray-fast")
+    parser.add_argument("--systems", default="vllm,app,app-chat,ray,ray-fast",
+                        help="comma list of vllm, app (and app-direct), app-chat, ray, ray-fast")
     parser.add_argument("--num-prompts", type=int, default=160)
     parser.add_argument("--concurrency", default="16,1", help="streams, comma list")
     parser.add_argument("--single-stream-prompts", type=int, default=30)
@@ -398,8 +436,22 @@ def main() -> int:
     results = {}
     if "app" in systems:
         label = "app"
-        both = (lambda url: chat(url) | ({} if args.skip_embeddings else {"embed": embeddings(url)}))
-        results["app"] = measure("app", serve_run(args.config, workdir), both, progress)
+        server = serve_run(args.config, workdir)
+
+        def both(url):
+            nonlocal label
+            result = chat(url)
+            direct = engine_url(server, CHAT_MODEL)
+            if direct:  # the same engine, past HAProxy and the router
+                label = "app-direct"
+                results["app-direct"] = chat(direct)
+                label = "app"
+            return result | ({} if args.skip_embeddings else {"embed": embeddings(url)})
+
+        results["app"] = measure("app", server, both, progress)
+    if "app-chat" in systems:
+        label = "app-chat"
+        results["app-chat"] = measure(label, serve_run(chat_only_config(args.config, workdir), workdir), chat, progress)
     if "vllm" in systems:
         label = "vllm-serve"
         server = vllm_serve(str(CHAT_PATH), CHAT_MODEL, workdir, "--max-model-len", str(MAX_MODEL_LEN))
