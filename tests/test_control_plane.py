@@ -93,13 +93,4 @@ def test_a_killed_replica_leaves_every_routers_table_within_5_s(app):
     print(f"killed replica out of the routers' tables after {gone_after:.1f} s")
     assert gone_after < 5
     assert not set().union(*routers_tables(app.url)) & before
-    # Serve replaces it (min_replicas 1); the new replica serves, the dead one never gets a request.
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        r = httpx.post(f"{app.url}/v1/chat/completions", timeout=120, json={
-            "model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-        if r.status_code == 200:
-            assert r.headers["x-served-by-replica"] not in before
-            break
-        time.sleep(2)
-    assert r.status_code == 200, r.text
+    # That Serve then replaces the replica, and the new one serves, is test_reliability's (one engine start less).

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import json
 import math
+import os
+import pathlib
+import re
 import struct
 
 import httpx
+import psutil
 import pytest
+import yaml
+
+from conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +43,17 @@ def test_chat_completion(client):
 
 
 def test_completion_with_batch_prompts(client):
-    r = client.completions.create(model=CHAT, prompt=["one two", "three four", "five"], max_tokens=5)
+    r = client.completions.create(model=CHAT, prompt=["one two", "three four", "five"], max_tokens=5,
+                                  extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
-    assert all(c.text is not None for c in r.choices)
+    assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 3 * 5
 
 
 def test_n_choices(client):
-    r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=6, n=3, temperature=1.0, seed=1)
+    r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=6, n=3, temperature=1.0, seed=1,
+                                       extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 3 * 6
 
 
 def test_greedy_is_deterministic(client):
@@ -149,23 +160,37 @@ def test_metrics_include_engine_and_ingress_series(client, base_url):
     assert f'llm_ingress_requests_total{{model="{CHAT}",route="/v1/completions",status="200"}}' in text
 
 
-def test_32_concurrent_requests_all_succeed(aclient_factory):
+def test_32_concurrent_requests_each_get_their_own_answer(client, aclient_factory):
+    sentences = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
+        ["pizza", "rain", "stocks", "cats", "trains", "music", "the sea", "chess"])]
+    alone = [d.embedding for d in client.embeddings.create(model=EMBED, input=sentences).data]
+
+    async def chat(client, i) -> tuple[str, int]:
+        args = {"model": CHAT, "messages": HELLO, "max_tokens": 16, "extra_body": {"ignore_eos": True}}
+        if i % 2:
+            r = await client.chat.completions.create(**args)
+            return r.choices[0].message.content, r.usage.completion_tokens
+        stream = await client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    async def embed(client, sentence) -> list[float]:
+        return (await client.embeddings.create(model=EMBED, input=sentence)).data[0].embedding
+
     async def run():
         client = aclient_factory()
-        chats = [
-            client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=16, stream=i % 2 == 0)
-            for i in range(24)
-        ]
-        embeds = [client.embeddings.create(model=EMBED, input=f"sentence {i}") for i in range(8)]
-        results = await asyncio.gather(*chats, *embeds)
-        streamed = [r for r in results[:24:2]]
-        for s in streamed:
-            assert [c async for c in s]
-        await client.close()
-        return results
+        try:
+            return await asyncio.gather(asyncio.gather(*(chat(client, i) for i in range(24))),
+                                        asyncio.gather(*(embed(client, s) for s in sentences)))
+        finally:
+            await client.close()
 
-    results = asyncio.run(run())
-    assert len(results) == 32
+    chats, vectors = asyncio.run(run())
+    assert all(text and tokens == 16 for text, tokens in chats), chats
+    # Each embedding is its own sentence's (as computed alone), not another request's.
+    for i, vector in enumerate(vectors):
+        similarities = [cosine(vector, other) for other in alone]
+        assert max(similarities) == similarities[i] > 0.999, (i, similarities)
 
 
 # Routes beyond the classic ones: the router forwards whatever vLLM's app serves for the model's task.
@@ -206,7 +231,47 @@ def test_a_route_the_models_task_lacks_is_refused_with_the_models_that_serve_it(
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
 
 
-def test_routes_are_exactly_vllms(base_url):
-    """Bodies and status of an error are vLLM's own (here: its request validation)."""
-    r = httpx.post(f"{base_url}/v1/responses", json={"model": CHAT, "input": "x", "max_output_tokens": -3})
-    assert r.status_code == 400 and r.json()["error"]["message"]
+def engine_tasks(app) -> dict[str, tuple[str, ...]]:
+    """model -> the tasks its vLLM engine reported at start, as each replica logs them when ready (in the Serve
+    replica logs of the app's Ray session, found from its raylet's command line)."""
+    raylet = psutil.Process(next(iter(app.descendant_pids("--raylet_socket_name="))))
+    socket = next(a for a in raylet.cmdline() if a.startswith("--raylet_socket_name="))
+    logs = pathlib.Path(socket.split("=", 1)[1]).parent.parent / "logs" / "serve"
+    text = "".join(log.read_text(errors="replace") for log in logs.glob("replica_*.log"))
+    found = re.findall(r"model (\S+): ready at \S+ \(tasks (\([^)]*\))", text)
+    return {name: ast.literal_eval(tasks) for name, tasks in found}
+
+
+def refused_by_router(base_url: str, model: str, route: str) -> bool:
+    """Whether the router refuses POST `route` for `model` itself (rather than passing it to the model's vLLM app,
+    which may well answer 4xx to a body of just the model's name)."""
+    r = httpx.post(f"{base_url}{route}", json={"model": model}, timeout=60)
+    message = r.json().get("error", {}).get("message", "") if r.status_code in (400, 404) else ""
+    return "does not serve" in message or "No model serves" in message
+
+
+def test_routes_are_exactly_vllms(base_url, request):
+    """Each model is offered exactly the POST routes vLLM's own app registers for the tasks its engine reported:
+    vLLM's app built here, in the test, is the reference."""
+    if os.environ.get("APP_URL"):
+        pytest.skip("reads the tasks from the app's own Ray session logs")
+    app = request.getfixturevalue("cpu_app")
+    from app import vllm_api
+    from app.config import AppConfig
+    from app.engine import vllm_routes
+
+    config = AppConfig.model_validate(
+        yaml.safe_load((ROOT / "serve_configs" / "cpu.yaml").read_text())["applications"][0]["args"])
+    tasks = engine_tasks(app)
+    assert set(tasks) == {CHAT, EMBED}, tasks
+    routes = {}
+    for name, model_tasks in tasks.items():
+        args = vllm_api.server_args(config.model(name).resolved_source(), name, {})
+        model_config = vllm_api.engine_args_from(args).create_model_config()
+        routes[name] = {re.sub(r"{[^}]+}", "x", r) for r in vllm_routes(vllm_api.build_app(args, model_tasks,
+                                                                                           model_config))}
+    assert "/v1/chat/completions" in routes[CHAT] and "/v1/embeddings" in routes[EMBED], routes
+    every = set().union(*routes.values())
+    for name, own in routes.items():
+        refused = {route for route in every if refused_by_router(app.url, name, route)}
+        assert refused == every - own, (name, sorted(refused ^ (every - own)))

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ROOT, running, serve_run
+from conftest import ROOT, running, running_by_replica, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def test_scale_down_drains_under_streams(rolling, tmp_path):
     deploy(rolling, tmp_path, num_replicas=2)
     wait_for(lambda: len(replicas(rolling)) == 2)
     assert kept <= replicas(rolling)
-    time.sleep(5)  # both replicas take traffic
+    wait_for(lambda: len(running_by_replica(rolling.url)) == 2)  # both replicas are in the router's table
 
     def scale_down():
         deploy(rolling, tmp_path, num_replicas=1)

@@ -16,12 +16,21 @@ from conftest import ROOT, serve_run
 pytestmark = pytest.mark.integration
 
 VLLM_ERROR = "Cannot find any model weights"
-GAVE_UP = "failed to start 3 times"  # Ray Serve's words once it stops retrying (3 attempts per replica)
+ATTEMPTS = 2  # the deployment's max_constructor_retry_count (default 3, checked in test_config): one start fewer
+GAVE_UP = f"failed to start {ATTEMPTS} times"  # Ray Serve's words once it stops retrying
 
 
 def engine_starts(log: str) -> int:
     """vLLM engine starts that failed on the missing weights (each worker logs the error once)."""
     return len(set(re.findall(r"\(Worker pid=(\d+)\) ERROR .*Cannot find any model weights", log)))
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(1)
+    return value
 
 
 @pytest.mark.timeout(600)
@@ -31,27 +40,30 @@ def test_an_engine_that_cannot_start_fails_clearly_and_stops_retrying(tmp_path):
     config = yaml.safe_load((ROOT / "tests" / "configs" / "guarded.yaml").read_text())
     model = config["applications"][0]["args"]["models"][0]
     model |= {"name": "weightless", "source": str(weightless)}
+    model["deployment"]["max_constructor_retry_count"] = ATTEMPTS
     path = tmp_path / "weightless.yaml"
     path.write_text(yaml.safe_dump(config))
     app = serve_run(path, tmp_path, env={"LLM_TEST_API_KEYS": "k"})
+    log = lambda: app.log_path.read_text(errors="replace")  # noqa: E731
+
+    def gave_up() -> httpx.Response | None:
+        assert app.process.poll() is None, app.log_tail()
+        try:
+            health = httpx.get(f"{app.url}/health", timeout=10)
+        except httpx.HTTPError:
+            return None
+        return health if VLLM_ERROR in health.text and GAVE_UP in health.text else None
+
     try:
-        deadline = time.monotonic() + 420
-        health = None
-        while time.monotonic() < deadline and app.process.poll() is None:
-            try:
-                health = httpx.get(f"{app.url}/health", timeout=10)
-                if VLLM_ERROR in health.text and GAVE_UP in health.text:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(3)
-        assert health is not None and health.status_code == 503, health and health.text
-        assert VLLM_ERROR in health.text and GAVE_UP in health.text, health.text
-        assert VLLM_ERROR in app.log_path.read_text(errors="replace")  # `serve run` shows it too
-        # Bounded: Serve keeps creating replicas now and then, but after 3 failed engine starts they refuse at once
-        # with the cause ("not trying again until the next deploy") instead of starting vLLM again.
-        time.sleep(30)
-        assert engine_starts(app.log_path.read_text(errors="replace")) == 3
+        health = wait_for(gave_up, 420, "/health names vLLM's error and that Serve gave up")
+        assert health.status_code == 503, health.text
+        # Bounded: once Serve gave up it starts no replica (Ray Serve: no upscale once terminally failed). Wait for
+        # the last failed replica's process to be gone and its engine's error to reach the log; then exactly
+        # ATTEMPTS engines were started, and none is starting now.
+        wait_for(lambda: not app.descendant_pids("ServeReplica:llm:weightless"), 120, "the failed replicas exit")
+        wait_for(lambda: engine_starts(log()) >= ATTEMPTS, 60, f"{ATTEMPTS} failed engine starts in the log")
+        assert engine_starts(log()) == ATTEMPTS
+        assert not app.descendant_pids("ServeReplica:llm:weightless")
         assert httpx.get(f"{app.url}/health", timeout=10).status_code == 503
     finally:
         app.stop()
