@@ -26,7 +26,8 @@ WAIT_S = 15.0  # how long a request to continue waits for a replica with a free 
 # Settings whose state a continuation could not carry over (a grammar, an echo, several choices).
 NOT_CONTINUABLE = ("echo", "kv_transfer_params", "use_beam_search", "structured_outputs", "guided_json",
                    "guided_regex", "guided_choice", "guided_grammar")
-IDS = re.compile(rb'"(prompt_)?token_ids":\[([\d,]*)\]')
+TOKEN_IDS = re.compile(rb'"token_ids":\[([\d,]*)\]')  # not "prompt_token_ids": the quote comes first
+PROMPT_IDS = re.compile(rb'"prompt_token_ids":\[([\d,]*)\]')
 ERROR_EVENT = b'data: {"error"'
 DONE = b"data: [DONE]\n\n"
 
@@ -101,22 +102,20 @@ class Continuation:
         return events, failed
 
     def _strip(self, events: bytes) -> bytes:
-        parts = IDS.split(events)
+        """The events with the router's token ids replaced by null (regex split and join: no Python per event)."""
+        if self.prompt_ids is None and (found := PROMPT_IDS.search(events)):
+            self.prompt_ids = json.loads(b"[" + found[1] + b"]")
+            if self.strip:
+                events = events[:found.start()] + b'"prompt_token_ids":null' + events[found.end():]
+        parts = TOKEN_IDS.split(events)
         if len(parts) == 1:
             return events
-        out = [parts[0]]
-        for i in range(1, len(parts), 3):
-            prompt, ids = parts[i], parts[i + 1]
-            if prompt:
-                self.prompt_ids = json.loads(b"[" + ids + b"]")
-            elif ids:
-                self.id_chunks.append(ids)
-            out += [b'"prompt_token_ids":null' if prompt else b'"token_ids":null', parts[i + 2]]
-        return b"".join(out) if self.strip else events
+        self.id_chunks += parts[1::2]
+        return b'"token_ids":null'.join(parts[::2]) if self.strip else events
 
     def generated(self) -> list[int]:
         if self.id_chunks:
-            self.ids += json.loads(b"[" + b",".join(self.id_chunks) + b"]")
+            self.ids += json.loads(b"[" + b",".join(filter(None, self.id_chunks)) + b"]")
             self.id_chunks.clear()
         return self.ids
 
