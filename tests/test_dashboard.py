@@ -215,6 +215,8 @@ def test_dashboard_series_are_exported_with_right_values(base_url, client, dashb
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    assert counted == expected, counted
+    assert delta("vllm:generation_tokens_total", model_name=CHAT) >= sent_completion_tokens
 
     # Every metric the dashboard reads is in the exposition.
     missing = sorted(name for name in referenced_metrics(dashboard) if not exported(families, name))
