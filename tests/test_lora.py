@@ -1,17 +1,22 @@
 """Multi-LoRA on the real app: a config-listed adapter, adapters loaded and unloaded at run time on every replica,
-and greedy output equal to `vllm serve --enable-lora --lora-modules` on the same files."""
+and greedy output equal to `vllm serve --enable-lora --lora-modules` on the same files.
+
+The app's two tiny-chat replicas route by prompt prefix, so the same app (one start fewer) also shows prefix-aware
+routing: requests that share a long prefix land on one replica, whose vLLM prefix cache then hits; distinct prefixes
+spread over both."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import time
+import uuid
 
 import httpx
 import pytest
 from openai import AsyncOpenAI, NotFoundError, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, import_script, running, serve_run
 
@@ -22,7 +27,7 @@ BASE, ADAPTER, RUNTIME = "tiny-chat", "tiny-lora", "tiny-lora-2"
 BASE_PATH, ADAPTER_PATH = ROOT / "models" / "tiny-chat", ROOT / "models" / "tiny-chat-lora"
 PROMPTS = ["The weather today", "def main():"]
 REPLICA_HEADER = "x-served-by-replica"
-BATCHES = itertools.count()
+SHARED = "You are a careful assistant who answers in one short sentence. " * 16  # ~1,000 characters
 
 
 def greedy(client: OpenAI, model: str, prompt: str) -> tuple[str, list[str], list[float]]:
@@ -65,16 +70,15 @@ def client(app) -> OpenAI:
 
 
 def served_by(app, model: str, requests: int = 8) -> list[tuple[int, str | None, str | None]]:
-    """(status, replica, text) of concurrent greedy requests (new prompts each time: with prefix-aware routing a
-    prompt seen before would go back to its replica); concurrency spreads them over the least loaded replicas."""
-    batch = next(BATCHES)
+    """(status, replica, text) of concurrent greedy requests, each beginning with a prefix of its own (prefix-aware
+    routing sends a prompt that shares a prefix with an earlier one back to that one's replica); so they spread."""
     async def run():
         client = AsyncOpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
         async def one(i):
             try:
                 raw = await client.completions.with_raw_response.create(
-                    model=model, prompt=f"{batch}.{i} {PROMPTS[0]}", max_tokens=16, temperature=0,
+                    model=model, prompt=f"{uuid.uuid4().hex} {PROMPTS[0]}", max_tokens=16, temperature=0,
                     extra_body={"ignore_eos": True})
             except Exception as e:  # noqa: BLE001 - a replica killed mid-request; the caller waits for the condition
                 return getattr(e, "status_code", 0), None, None
@@ -110,6 +114,45 @@ def load(app, body: dict) -> httpx.Response:
 
 def unload(app, body: dict) -> httpx.Response:
     return httpx.post(f"{app.url}/v1/unload_lora_adapter", json=body, timeout=300)
+
+
+def prefix_cache_hits(url: str) -> dict[str, float]:
+    """replica id -> vLLM's prefix-cache hit counter (tokens), for every replica in the app's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return {s.labels["replica"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "vllm:prefix_cache_hits" for s in family.samples if s.name.endswith("_total")}
+
+
+def replica_for(url: str, system: str, question: str) -> str:
+    request = {"model": BASE, "max_tokens": 2,
+               "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
+    response = httpx.post(f"{url}/v1/chat/completions", json=request, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.headers[REPLICA_HEADER]
+
+
+@pytest.fixture(scope="module")
+def both_serving(app):
+    wait_for(lambda: len(prefix_cache_hits(app.url)) == 2, 600, "both replicas to serve")
+    return app
+
+
+def test_a_shared_prefix_sticks_to_one_replica_and_hits_its_cache(both_serving):
+    url = both_serving.url
+    before = prefix_cache_hits(url)
+    owners = {replica_for(url, SHARED, f"Question {i}?") for i in range(6)}
+    assert len(owners) == 1, owners
+    owner = owners.pop()
+    wait_for(lambda: prefix_cache_hits(url)[owner] > before[owner], 60, "the owner's prefix cache to hit")
+
+
+def test_distinct_prefixes_spread_over_both_replicas(both_serving):
+    url = both_serving.url
+    systems = [f"Persona {i}: " + f"you speak only about topic number {i}. " * 25 for i in range(8)]
+    replicas = [replica_for(url, system, "Hello?") for system in systems]
+    assert set(replicas) == set(prefix_cache_hits(url)), replicas
+    # ...and each keeps its replica
+    assert [replica_for(url, system, "Again?") for system in systems] == replicas
 
 
 def test_models_list_the_adapter_with_its_parent(client):
