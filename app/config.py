@@ -166,7 +166,7 @@ class CPUOptions(Strict):
 
     @model_validator(mode="after")
     def _app_rules_need_auto(self) -> "CPUOptions":
-        picked = {"threads", "share"} & self.model_fields_set
+        picked = [name for name, value in (("threads", self.threads), ("share", self.share)) if value not in (None, "own")]
         if self.omp_threads_bind != "auto" and picked:
             raise ValueError(f"{sorted(picked)} need omp_threads_bind 'auto' (a core list or 'nobind' is passed to "
                              "vLLM as it is)")

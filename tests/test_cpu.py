@@ -65,3 +65,9 @@ def test_available_cores_follow_affinity_and_cgroup_quota(tmp_path):
 
 def test_core_list_is_vllms_bind_syntax():
     assert core_list([0, 1, 5]) == "0,1,5"
+
+
+def test_options_survive_the_trip_to_the_replica():
+    """The builder hands each replica its spec as a full dump: every field is then set."""
+    options = CPUOptions(omp_threads_bind="0")
+    assert CPUOptions.model_validate(options.model_dump()) == options
