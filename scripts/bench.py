@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import pathlib
+import signal
 import statistics
 import sys
 import tempfile
@@ -417,6 +418,8 @@ def main() -> int:
     parser.add_argument("--routing", action="store_true", help="only the replica-routing benchmark")
     parser.add_argument("--routing-rounds", type=int, default=2, help="app starts per policy (--routing)")
     args = parser.parse_args()
+    # Stopped by SIGTERM (`timeout`, CI): stop the server being measured too (it runs in a session of its own).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     systems = args.systems.split(",")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-"))
     progress = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
