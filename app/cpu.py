@@ -27,10 +27,6 @@ from app.engine import EngineServer
 
 logger = logging.getLogger("ray.serve")
 
-# vLLM starts its engine core from the replica by spawn (a Ray worker has threads, fork would copy them), and the
-# worker from the engine core the same way unless told otherwise; `vllm serve` forks both. A spawned worker computes
-# slower here (measured: see the README's CPU section), so the engine core, a clean process, forks its worker.
-FORK_WORKERS_ENV = "LLM_APP_CPU_FORK_WORKERS"
 CLAIMS_FILE = pathlib.Path(tempfile.gettempdir()) / "llm-app-cpu-cores.json"  # pid -> cores, one per node
 CGROUP_CPU_MAX = pathlib.Path("/sys/fs/cgroup/cpu.max")
 
@@ -52,22 +48,12 @@ class CPUEngineServer(EngineServer):
             # Ray's, from num_cpus < 1. vLLM's engine core then runs torch at 1 thread as under `vllm serve`, and
             # its worker gets one OpenMP thread per core of the list below.
             os.environ.pop("OMP_NUM_THREADS", None)
-        os.environ.setdefault(FORK_WORKERS_ENV, "1")
         if options.omp_threads_bind != "auto":
             return
         cores = claim_cores(options, available_cores())
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_list(cores)
         logger.info("model %s: vLLM's worker computes on cores %s (of %s; share %s, nice %d)", self.spec.name,
                     core_list(cores), core_list(available_cores()), options.share, options.nice)
-
-
-def fork_workers() -> None:
-    """The `vllm.general_plugins` entry point `cpu_workers`: in a CPU replica's engine core (a process spawned by the
-    replica, not yet holding threads that fork would copy), vLLM forks its worker as under `vllm serve`."""
-    import multiprocessing
-
-    if os.environ.get(FORK_WORKERS_ENV) == "1" and multiprocessing.parent_process() is not None:
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
 
 
 def cpu_environment(spec: ModelSpec) -> dict[str, str]:
