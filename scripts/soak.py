@@ -11,7 +11,8 @@ after a kill, or a process was left behind.
 `--migration`: two replicas of the tiny chat model (tests/configs/migration.yaml) under `--concurrency` greedy
 streams, one replica SIGKILLed whenever both run and `--kill-every-min` passed; in-flight streams move to the other
 replica (`app.migration`), so every failure counts (no recovery window) and so does a stream short of its tokens:
-    .venv/bin/python scripts/soak.py --migration --minutes 10 --kill-every-min 1.5 --concurrency 16 --name soak-migration
+    .venv/bin/python scripts/soak.py --migration --minutes 10 --kill-every-min 1.5 --concurrency 16 \
+        --name soak-migration
 """
 
 from __future__ import annotations
@@ -55,14 +56,15 @@ PLOT_MIN_MIB = 150  # processes below this get one summed line in the plot (all 
 RECOVERY_WINDOW_S = 180  # failures this soon after a kill of the same model are the kill's, not a fault
 
 
-async def one_request(client: httpx.AsyncClient, route: str, body: dict) -> tuple[str, str | None]:
+async def one_request(client: httpx.AsyncClient, route: str, body: dict, served: dict) -> tuple[str, str | None]:
     """(outcome, detail): the HTTP status, 'stream-error' for a stream that ended without [DONE] or carried an
-    error event, or 'error:<type>'; the detail says what went wrong."""
+    error event, or 'error:<type>'; the detail says what went wrong. `served["replica"]`: the replica that took it."""
     try:
         if not body.get("stream"):
             r = await client.post(route, json=body)
             return str(r.status_code), None if r.status_code < 500 else r.text[:300]
         async with client.stream("POST", route, json=body) as r:
+            served["replica"] = r.headers.get("x-served-by-replica")
             lines = [line async for line in r.aiter_lines() if line]
         if r.status_code == 200 and (not lines or lines[-1] != "data: [DONE]" or
                                      any(x.startswith('data: {"error"') for x in lines)):
@@ -91,9 +93,10 @@ async def load(client: httpx.AsyncClient, deadline: float, started: float, log: 
     while time.monotonic() < deadline:
         kind, model, route, body = random.choice(requests)
         t0 = time.monotonic()
-        outcome, detail = await one_request(client, route, body)
+        served: dict = {}
+        outcome, detail = await one_request(client, route, body, served)
         log.append({"t": round(t0 - started, 2), "kind": kind, "model": model, "outcome": outcome,
-                    "latency_s": round(time.monotonic() - t0, 4), **({"detail": detail} if detail else {})})
+                    "latency_s": round(time.monotonic() - t0, 4), **({"detail": detail} if detail else {}), **served})
 
 
 def process_label(proc: psutil.Process) -> str:
@@ -139,10 +142,23 @@ def replica_pids(root: psutil.Process, model: str) -> list[int]:
     return pids
 
 
-def replica_pid(root: psutil.Process, model: str, replicas: int) -> int | None:
-    """A replica of `model` to kill, once `replicas` of them run (a migration soak keeps one to move to)."""
+def replica_pid(root: psutil.Process, model: str) -> int | None:
     pids = replica_pids(root, model)
-    return random.choice(pids) if len(pids) >= replicas else None
+    return pids[0] if pids else None
+
+
+def serving_victim(url: str, log_path: pathlib.Path, model: str) -> tuple[int, str] | None:
+    """(pid, replica id) of one of `model`'s replicas, once the routers list two (a migration soak keeps one to move
+    to; a replica still starting is not listed): the pid from the replica's own lines in `serve run`'s output."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    pattern = rf'^vllm:num_requests_running{{[^}}]*model_name="{model}"[^}}]*replica="([^"]+)"'
+    listed = set(re.findall(pattern, text, re.M))
+    if len(listed) < 2:
+        return None
+    replica = random.choice(sorted(listed))
+    found = re.search(rf"\(ServeReplica:llm:{model} pid=(\d+)\).* llm_{model} {replica} -- ",
+                      log_path.read_text(errors="replace"))
+    return (int(found[1]), replica) if found else None
 
 
 def migrations(url: str) -> float:
@@ -152,7 +168,8 @@ def migrations(url: str) -> float:
 
 
 async def soak(url: str, root: psutil.Process, minutes: float, kill_every_s: float, concurrency: int,
-               sample_s: float, seen: set[int], migration: bool = False) -> dict:
+               sample_s: float, seen: set[int], log_path: pathlib.Path | None = None) -> dict:
+    migration = log_path is not None
     started = time.monotonic()
     deadline = started + minutes * 60
     log: list[dict] = []
@@ -169,10 +186,12 @@ async def soak(url: str, root: psutil.Process, minutes: float, kill_every_s: flo
             rss.append({"t": round(now - started, 1), "rss_mib": await asyncio.to_thread(rss_by_label, root, seen)})
             if now >= next_kill and now < deadline - 60:
                 model = victims[len(kills) % len(victims)]
-                pid = replica_pid(root, model, 2 if migration else 1)
-                if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
-                    kills.append({"t": round(now - started, 1), "model": model, "pid": pid})
+                victim = await asyncio.to_thread(serving_victim, url, log_path, model) if migration else \
+                    (replica_pid(root, model), None)
+                if victim is not None and victim[0] is not None:
+                    os.kill(victim[0], signal.SIGKILL)
+                    kills.append({"t": round(now - started, 1), "model": model, "pid": victim[0],
+                                  **({"replica": victim[1]} if victim[1] else {})})
                     next_kill = max(next_kill + kill_every_s, now + (kill_every_s if migration else 0))
             done = collections.Counter(r["outcome"] for r in log)
             print(f"t={now - started:>6.0f}s kills={len(kills)} {dict(done)}", flush=True)
@@ -255,6 +274,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def on_victims(report: dict) -> int:
+    """Streams that a killed replica served when it was killed (each had to move)."""
+    return sum(1 for k in report["kills"] for r in report["requests"]
+               if r.get("replica") == k.get("replica") and r["t"] <= k["t"] <= r["t"] + r["latency_s"])
+
+
 def migration_markdown(report: dict, totals: collections.Counter) -> str:
     lines = [f"# Migration soak: {report['minutes']} min, 2 tiny-chat replicas (tests/configs/migration.yaml), "
              "2-core machine", "",
@@ -264,8 +289,8 @@ def migration_markdown(report: dict, totals: collections.Counter) -> str:
              f"usage. Plot: `{report['name']}.png`; every request, RSS sample and kill: `{report['name']}.json`.", "",
              f"- streams: {sum(totals.values())}, by outcome: {dict(totals)}",
              f"- client-visible failures: {len(report['unexpected_failures'])}",
-             f"- kills: {len(report['kills'])}; requests moved to the other replica (llm_ingress_migrations): "
-             f"{report['migrations']:.0f}",
+             f"- kills: {len(report['kills'])}; streams in flight on the killed replicas: {on_victims(report)}; "
+             f"requests moved to the other replica (llm_ingress_migrations): {report['migrations']:.0f}",
              f"- processes left behind after the app stopped: {len(report['leaked_processes'])}", "",
              "| process | RSS first fifth MiB | last fifth MiB | change |", "|---|---|---|---|"]
     for label, t in report["memory_trend"].items():
@@ -333,7 +358,7 @@ def main() -> int:
         with running(serve_run(config, pathlib.Path(workdir))) as app:
             root = psutil.Process(app.process.pid)
             result = asyncio.run(soak(app.url, root, args.minutes, args.kill_every_min * 60, args.concurrency,
-                                      args.sample_s, seen, args.migration))
+                                      args.sample_s, seen, app.log_path if args.migration else None))
     deadline = time.monotonic() + 60
     while (left := leftover_processes() & seen) and time.monotonic() < deadline:
         time.sleep(1)

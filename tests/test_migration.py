@@ -53,6 +53,13 @@ def serving_replica(app) -> str:
     return busy[0]
 
 
+def hand_overs(app) -> str:
+    """The router's lines about failed replicas and moved requests, for a failing test's message."""
+    lines = app.log_path.read_text(errors="replace").splitlines()
+    return "\n".join(line[-300:] for line in lines if "moved from" in line or "failed a request" in line
+                     or '"event": "request"' in line)
+
+
 def two_replicas(app) -> None:
     """Waits until both replicas run and the routers know them (a killed one is replaced by Serve)."""
     deadline = time.monotonic() + 300
@@ -74,43 +81,48 @@ def migrations(app) -> float:
     return sum(float(v) for v in re.findall(r"^llm_ingress_migrations_total{[^}]*} (\S+)$", text, re.M))
 
 
-async def stream(app, kill_after: int | None = None, victims=None) -> tuple[list[dict], list[str]]:
-    """A chat stream's events and its raw `data:` lines; `victims(replica id serving it)` (pids) are SIGKILLed once
-    `kill_after` tokens arrived."""
-    events, lines, seen = [], [], 0
+async def stream(app, kill_after_s: float | None = None, victims=None) -> tuple[list[dict], list[str]]:
+    """A chat stream's events and its raw `data:` lines; `victims(replica id serving it)` (pids) are SIGKILLed
+    `kill_after_s` after the stream started. By time, not by tokens read: with the engine's threads on both cores
+    this client reads seconds behind the engine."""
+    events, lines = [], []
+
+    async def kill(pids: list[int]) -> None:
+        await asyncio.sleep(kill_after_s)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        print(f"{time.strftime('%H:%M:%S')} killed {pids} {kill_after_s:.1f} s into the stream")
+
     async with httpx.AsyncClient(timeout=300) as client:
         async with client.stream("POST", f"{app.url}/v1/chat/completions", json=STREAM) as r:
             assert r.status_code == 200
-            pids = victims(r.headers["x-served-by-replica"]) if victims else []
+            killing = asyncio.create_task(kill(victims(r.headers["x-served-by-replica"]))) if victims else None
             async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                lines.append(line)
-                if line != "data: [DONE]":
-                    events.append(json.loads(line[6:]))
-                    seen += len(((events[-1].get("choices") or [{}])[0].get("logprobs") or {}).get("content") or [])
-                if pids and seen >= kill_after:
-                    for pid in pids:
-                        os.kill(pid, signal.SIGKILL)
-                    print(f"killed {pids} after {seen} tokens")
-                    pids = []
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if line != "data: [DONE]":
+                        events.append(json.loads(line[6:]))
+            if killing is not None:
+                await killing
     return events, lines
 
 
 @pytest.fixture(scope="module")
 def unkilled(app):
+    """The unkilled stream's (text, tokens, usage), the unkilled JSON answer, and how long the engine took for it."""
     two_replicas(app)
     events, lines = asyncio.run(stream(app))
-    return stream_answer(events), httpx.post(f"{app.url}/v1/chat/completions", json=BODY, timeout=300).json()
+    started = time.monotonic()
+    answer = httpx.post(f"{app.url}/v1/chat/completions", json=BODY, timeout=300).json()
+    return stream_answer(events), answer, time.monotonic() - started
 
 
 def test_a_greedy_stream_whose_replica_is_killed_halfway_goes_on_unchanged(app, unkilled):
-    (text, tokens, usage), _ = unkilled
+    (text, tokens, usage), _, generation_s = unkilled
     assert len(tokens) == TOKENS and usage["completion_tokens"] == TOKENS
     moved = migrations(app)
-    # A third of the way as the client reads it; the engine, ahead of the client, is about halfway.
-    events, lines = asyncio.run(stream(app, TOKENS // 3, lambda replica: [replica_pid(app, replica)]))
-    assert migrations(app) == moved + 1
+    events, lines = asyncio.run(stream(app, generation_s / 2, lambda replica: [replica_pid(app, replica)]))
+    assert migrations(app) == moved + 1, hand_overs(app)
     assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
     assert len({e["id"] for e in events}) == 1 and len({e["created"] for e in events}) == 1
     assert sum("role" in e["choices"][0]["delta"] for e in events if e.get("choices")) == 1
@@ -122,18 +134,21 @@ def test_a_greedy_stream_whose_replica_is_killed_halfway_goes_on_unchanged(app, 
 
 
 def test_a_non_streaming_request_whose_replica_is_killed_is_answered_whole(app, unkilled):
-    _, expected = unkilled
+    _, expected, generation_s = unkilled
     two_replicas(app)
     moved = migrations(app)
 
     async def main():
         async with httpx.AsyncClient(timeout=300) as client:
+            started = time.monotonic()
             request = asyncio.create_task(client.post(f"{app.url}/v1/chat/completions", json=BODY))
-            os.kill(replica_pid(app, await asyncio.to_thread(serving_replica, app)), signal.SIGKILL)
+            victim = replica_pid(app, await asyncio.to_thread(serving_replica, app))
+            await asyncio.sleep(max(0.0, generation_s / 2 - (time.monotonic() - started)))  # halfway
+            os.kill(victim, signal.SIGKILL)
             return await request
 
     r = asyncio.run(main())
-    assert migrations(app) == moved + 1
+    assert migrations(app) == moved + 1, hand_overs(app)
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
@@ -142,10 +157,10 @@ def test_a_non_streaming_request_whose_replica_is_killed_is_answered_whole(app, 
     assert got["usage"] == expected["usage"]
 
 
-def test_with_every_replica_killed_a_stream_ends_with_one_clean_error(app):
+def test_with_every_replica_killed_a_stream_ends_with_one_clean_error(app, unkilled):
     two_replicas(app)
     started = time.monotonic()
-    events, lines = asyncio.run(stream(app, 50, lambda replica: replica_pids(app)))
+    events, lines = asyncio.run(stream(app, unkilled[2] / 4, lambda replica: replica_pids(app)))
     print(f"stream over after {time.monotonic() - started:.1f} s")
     assert lines[-1] == "data: [DONE]"
     errors = [e for e in events if "error" in e]
