@@ -25,8 +25,13 @@
 #            all-reduce + RMSNorm fusion off; greedy output and benchmark if it starts
 #   tp2capp  (two GPUs) the app with the same compiled TP=2 setting (serve_configs/gpu-device-tp2.yaml); start-up time,
 #            greedy output compared with tp2c's (this call's, else scripts/device/ref/greedy_tp2c.json); benchmark
+#   migrate1 (one GPU) migration on GPUs (issue 26, item 3): two replicas of the model on the one GPU
+#            (scripts/device/serve-2replicas.yaml: Ray told of 2 GPUs, CUDA_VISIBLE_DEVICES left alone, 0.4 of the GPU's
+#            memory each, eager); 64 greedy streams unkilled twice, then again with one replica SIGKILLed halfway;
+#            texts compared, client failures and the app's migration counter (scripts/device/migrate_streams.py); then
+#            the killed replica's replacement and the streams once more, if the call has time left
 # Usage: bash scripts/device/run_checks.sh [install] [app] [vllm] [single] [tp2vllm] [tp2app] [pp2vllm] [pp2app]
-#        [pp2fail] [tp2c] [tp2capp] (default: app vllm)
+#        [pp2fail] [tp2c] [tp2capp] [migrate1] (default: app vllm)
 # Results and logs land in /tmp/results/<phase>/ and, packed, in $OUT (what the device tool brings back).
 # Each server start takes about 3 minutes (torch.compile + CUDA graphs).
 set -uo pipefail
@@ -165,7 +170,7 @@ phase_app() {
   else
     rc=1
   fi
-  stop_app "$d"
+  stop_app "$d"; stop_haproxy_leftovers
   pack app "$d"
   return $rc
 }
@@ -543,9 +548,44 @@ phase_tp2capp() {  # the app, TP=2 compiled with the fusion off (serve_configs/g
   return $rc
 }
 
+MIGRATE_CONFIG=${MIGRATE_CONFIG:-scripts/device/serve-2replicas.yaml}
+
+phase_migrate1() {  # two replicas on the one GPU; greedy streams, one replica SIGKILLed halfway (migrate_streams.py)
+  local d=$RES/migrate1 rc=0 t0=$SECONDS budget; mkdir -p "$d"
+  stop_gpu_leftovers; stop_haproxy_leftovers
+  # The app gives a one-GPU replica num_gpus 1: Ray is told of 2 GPUs on this one-GPU host and leaves
+  # CUDA_VISIBLE_DEVICES alone, so both replicas compute on GPU 0 (Ray refuses --num-gpus=2 if CUDA_VISIBLE_DEVICES
+  # names one GPU).
+  unset CUDA_VISIBLE_DEVICES
+  export RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1
+  if APP_START_LIMIT_S=$(($(time_left) - 240)) start_app "$d" "$MIGRATE_CONFIG" 2; then
+    echo $((SECONDS - t0)) > "$d/startup_s.txt"; log "two replicas' app healthy after $((SECONDS - t0)) s"
+    nvidia-smi > "$d/nvidia-smi_serving.txt" 2>&1; snapshot "$d" serving; engine_lines "$d"; checkpoint "$d"
+    budget=$(($(time_left) - 70))
+    log "migration run (budget $budget s)"
+    timeout "$budget" python3 scripts/device/migrate_streams.py --url "http://127.0.0.1:$PORT" --model "$NAME" \
+      --out "$d" --streams "${MIGRATE_STREAMS:-64}" --max-tokens "${MIGRATE_MAX_TOKENS:-256}" \
+      --wait-s 120 --recovery-s 600 --deadline-s $((budget - 10)) > "$d/migrate_streams.log" 2>&1 || rc=1
+    cat "$d/migrate_streams.log"
+    snapshot "$d" after_runs; nvidia-smi > "$d/nvidia-smi_after.txt" 2>&1
+    # The router's request log lines that name a hand-over (app/relay.py: "migrations": [{"from", "to", "tokens"}]).
+    grep -h 'migrations' /tmp/ray/session_latest/logs/serve/*.log 2>/dev/null | grep 'from' | cut -c1-600 | head -100 \
+      > "$d/migration_log_lines.txt"
+    log "request log lines with a hand-over: $(wc -l < "$d/migration_log_lines.txt")"
+  else
+    rc=1; log "the two-replica app did not get healthy"
+  fi
+  engine_lines "$d"; checkpoint "$d"
+  stop_app "$d"; stop_haproxy_leftovers
+  checkpoint "$d"
+  cp "$d"/migrate_summary.json "$d"/migrate_texts.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT/migrate1_logs.tgz" -C "$RES" migrate1 2>/dev/null; ls -la "$OUT"
+  return $rc
+}
+
 phase_vllm() {
   local d=$RES/vllm rc=0; mkdir -p "$d"
-  stop_gpu_leftovers
+  stop_gpu_leftovers; stop_haproxy_leftovers  # an earlier app phase's HAProxy would hold port 8000
   if start_vllm "$d" "$PORT" vllm_serve; then
     python3 scripts/device/chat_check.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" \
       > "$d/chat_check.json" 2>&1 || { rc=1; log "chat check failed"; }
@@ -577,6 +617,7 @@ for p in "${phases[@]}"; do
     pp2fail) phase_pp2fail ;;
     tp2c) phase_tp2c ;;
     tp2capp) phase_tp2capp ;;
+    migrate1) phase_migrate1 ;;
     *) echo "unknown phase $p"; false ;;
   esac || { status=1; log "phase $p failed"; }
 done
