@@ -32,7 +32,7 @@ ERROR_EVENT = b'data: {"error"'
 DONE = b"data: [DONE]\n\n"
 
 
-def attempts(route: str, payload: dict[str, Any], migration_limit: int) -> int:
+def attempts(route: str, migration_limit: int) -> int:
     """How many more times this request may be sent to another replica after a failure."""
     if route in (CHAT, COMPLETIONS):
         return migration_limit
@@ -54,9 +54,9 @@ def continuable(route: str, payload: dict[str, Any]) -> bool:
     if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
         return False
     # vLLM renders non-text content itself, ignoring forwarded prompt ids.
-    return all(isinstance(m, dict) and not isinstance(c := m.get("content"), list)
-               or all(isinstance(p, dict) and p.get("type") == "text" for p in c)
-               for m in payload.get("messages") or [])
+    contents = [m.get("content") if isinstance(m, dict) else None for m in payload.get("messages") or []]
+    return all(not isinstance(c, list) or all(isinstance(p, dict) and p.get("type") == "text" for p in c)
+               for c in contents)
 
 
 class Continuation:

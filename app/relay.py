@@ -91,7 +91,7 @@ class Relay:
         headers |= {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
         route = scope["path"]
         path = route + (f"?{scope['query_string'].decode()}" if scope.get("query_string") else "")
-        left = migration.attempts(route, payload, self.config.model(pool.model).migration_limit)
+        left = migration.attempts(route, self.config.model(pool.model).migration_limit)
         stream = migration.Continuation(route, payload) if left and migration.continuable(route, payload) else None
         buffered = left > 0 and not payload.get("stream")  # nothing reaches the client before the whole body
         request = stream.engine_body(body) if stream else body

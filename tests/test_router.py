@@ -457,3 +457,12 @@ def test_migrations_are_counted():
             assert 'llm_ingress_migrations_total{model="m"} 1.0' in text
 
     run(main())
+
+
+@pytest.mark.parametrize("change,continued", [
+    ({}, True), ({"n": 2}, False), ({"echo": True}, False), ({"response_format": {"type": "json_object"}}, False),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, True),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, False),
+    ({"stream": False}, False)])
+def test_which_chat_streams_can_be_continued(change, continued):
+    assert migration.continuable(CHAT, generate(**change)) is continued
