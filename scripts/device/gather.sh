@@ -41,5 +41,7 @@ if [ ! -f models/tiny-chat/tokenizer.json ]; then
 fi
 cp models/tiny-chat/tokenizer.json models/tiny-chat/tokenizer_config.json "$last/tokenizer/"
 [ -f models/tiny-chat/chat_template.jinja ] && cp models/tiny-chat/chat_template.jinja "$last/tokenizer/"
+# Each part plus the repo's own tree must fit one call's 64 MiB: cut and pack the parts again to fit.
+python3 scripts/device/repack.py
 echo "parts: $(ls -d .p? | sort -V | tr '\n' ' ') (last one also holds tokenizer/)"
 du -sh .p?
