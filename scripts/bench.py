@@ -269,7 +269,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
             ax.bar(names, [chat[n][level][key] for n in names],
                    color=["#2a9d8f", "#8d99ae", "#e76f51", "#f4a261", "#264653", "#e9c46a"][: len(names)])
             ax.set_title(f"{title}, {level[1:]} stream(s)")
-            ax.tick_params(axis="x", labelsize=7)
+            ax.tick_params(axis="x", labelsize=7, labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
