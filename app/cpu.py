@@ -42,8 +42,7 @@ class CPUEngineServer(EngineServer):
         """Before vLLM starts: the engine's cores (vLLM's engine core and worker inherit this environment) and
         niceness."""
         options = self.spec.cpu
-        if options.nice:
-            os.nice(options.nice - os.nice(0))  # the replica, then vLLM's processes it starts
+        raise_niceness(options.nice)  # the replica, then vLLM's processes it starts
         if "OMP_NUM_THREADS" not in self.spec.env:
             # Ray's, from num_cpus < 1. vLLM's engine core then runs torch at 1 thread as under `vllm serve`, and
             # its worker gets one OpenMP thread per core of the list below.
@@ -81,6 +80,14 @@ def cpu_engine(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         "runtime_env": {"env_vars": cpu_environment(spec)},
     }
     return overrides, {"ray_actor_options": actor}
+
+
+def raise_niceness(nice: int) -> None:
+    """This process at niceness `nice` at least: never lowered (that needs privileges; Ray starts workers at 15 unless
+    RAY_worker_niceness says otherwise)."""
+    current = os.nice(0)
+    if nice > current:
+        os.nice(nice - current)
 
 
 def available_cores(cpu_max: pathlib.Path = CGROUP_CPU_MAX) -> list[int]:

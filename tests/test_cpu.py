@@ -71,3 +71,10 @@ def test_options_survive_the_trip_to_the_replica():
     """The builder hands each replica its spec as a full dump: every field is then set."""
     options = CPUOptions(omp_threads_bind="0")
     assert CPUOptions.model_validate(options.model_dump()) == options
+
+
+def test_niceness_is_only_ever_raised():
+    code = ("import os; from app.cpu import raise_niceness; os.nice(5); raise_niceness(3); a = os.nice(0); "
+            "raise_niceness(8); print(a, os.nice(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd())
+    assert out.stdout.split() == ["5", "8"]
