@@ -35,11 +35,11 @@ class Status:
         }
 
     async def list_models(self, scope) -> Response:
-        require_api_key(header(scope, b"authorization"), self.api_keys)
         """Every model and adapter, each with `ready`: whether a replica of its engine serves now (its engine started
         and its server answers). Ready ones come first, so a client that takes the first listed model (vLLM's
         benchmark client without --model) takes one that serves; a request for one still starting waits for it up to
         limits.starting_model_wait_s."""
+        require_api_key(header(scope, b"authorization"), self.api_keys)
         cards = await asyncio.gather(*(self._model_card(m.name) for m in self.table.config.models))
         await self.table.adapters.refresh()
         listed = [*cards, *map(self._adapter_card, self.table.adapters.all())]
