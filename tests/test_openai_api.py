@@ -8,12 +8,10 @@ import base64
 import json
 import math
 import os
-import pathlib
 import re
 import struct
 
 import httpx
-import psutil
 import pytest
 import yaml
 
@@ -231,14 +229,10 @@ def test_a_route_the_models_task_lacks_is_refused_with_the_models_that_serve_it(
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
 
 
-def engine_tasks(app) -> dict[str, tuple[str, ...]]:
-    """model -> the tasks its vLLM engine reported at start, as each replica logs them when ready (in the Serve
-    replica logs of the app's Ray session, found from its raylet's command line)."""
-    raylet = psutil.Process(next(iter(app.descendant_pids("--raylet_socket_name="))))
-    socket = next(a for a in raylet.cmdline() if a.startswith("--raylet_socket_name="))
-    logs = pathlib.Path(socket.split("=", 1)[1]).parent.parent / "logs" / "serve"
-    text = "".join(log.read_text(errors="replace") for log in logs.glob("replica_*.log"))
-    found = re.findall(r"model (\S+): ready at \S+ \(tasks (\([^)]*\))", text)
+def engine_tasks(serve_log: str) -> dict[str, list[str]]:
+    """model -> the tasks its vLLM engine reported at start (each replica logs them when ready; `serve run` shows
+    its replicas' logs)."""
+    found = re.findall(r"model (\S+): ready at \S+ \(tasks (\[[^\]]*\])", serve_log)
     return {name: ast.literal_eval(tasks) for name, tasks in found}
 
 
@@ -254,7 +248,7 @@ def test_routes_are_exactly_vllms(base_url, request):
     """Each model is offered exactly the POST routes vLLM's own app registers for the tasks its engine reported:
     vLLM's app built here, in the test, is the reference."""
     if os.environ.get("APP_URL"):
-        pytest.skip("reads the tasks from the app's own Ray session logs")
+        pytest.skip("reads the engines' tasks from the output of the app's `serve run`")
     app = request.getfixturevalue("cpu_app")
     from app import vllm_api
     from app.config import AppConfig
@@ -262,13 +256,13 @@ def test_routes_are_exactly_vllms(base_url, request):
 
     config = AppConfig.model_validate(
         yaml.safe_load((ROOT / "serve_configs" / "cpu.yaml").read_text())["applications"][0]["args"])
-    tasks = engine_tasks(app)
+    tasks = engine_tasks(app.log_path.read_text(errors="replace"))
     assert set(tasks) == {CHAT, EMBED}, tasks
     routes = {}
     for name, model_tasks in tasks.items():
         args = vllm_api.server_args(config.model(name).resolved_source(), name, {})
         model_config = vllm_api.engine_args_from(args).create_model_config()
-        routes[name] = {re.sub(r"{[^}]+}", "x", r) for r in vllm_routes(vllm_api.build_app(args, model_tasks,
+        routes[name] = {re.sub(r"{[^}]+}", "x", r) for r in vllm_routes(vllm_api.build_app(args, tuple(model_tasks),
                                                                                            model_config))}
     assert "/v1/chat/completions" in routes[CHAT] and "/v1/embeddings" in routes[EMBED], routes
     every = set().union(*routes.values())
