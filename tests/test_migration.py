@@ -83,8 +83,8 @@ def migrations(app) -> float:
 
 async def stream(app, kill_after_s: float | None = None, victims=None) -> tuple[list[dict], list[str]]:
     """A chat stream's events and its raw `data:` lines; `victims(replica id serving it)` (pids) are SIGKILLed
-    `kill_after_s` after the stream started. By time, not by tokens read: with the engine's threads on both cores
-    this client reads seconds behind the engine."""
+    `kill_after_s` after the request was sent. By time, not by tokens read: with the engine's threads on both cores
+    this client reads seconds behind the engine (even its response headers came 1.7 s late in one run)."""
     events, lines = [], []
 
     async def kill(pids: list[int]) -> None:
@@ -94,8 +94,12 @@ async def stream(app, kill_after_s: float | None = None, victims=None) -> tuple[
         print(f"{time.strftime('%H:%M:%S')} killed {pids} {kill_after_s:.1f} s into the stream")
 
     async with httpx.AsyncClient(timeout=300) as client:
+        sent = time.monotonic()
         async with client.stream("POST", f"{app.url}/v1/chat/completions", json=STREAM) as r:
             assert r.status_code == 200
+            # The headers left the router within milliseconds of the request: what this client saw later, the engine
+            # has been generating for already.
+            kill_after_s = max(0.0, (kill_after_s or 0) - (time.monotonic() - sent))
             killing = asyncio.create_task(kill(victims(r.headers["x-served-by-replica"]))) if victims else None
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
