@@ -84,7 +84,7 @@ def migrations(app) -> float:
 async def stream(app, kill_after_s: float | None = None, victims=None) -> tuple[list[dict], list[str]]:
     """A chat stream's events and its raw `data:` lines; `victims(replica id serving it)` (pids) are SIGKILLed
     `kill_after_s` after the request was sent. By time, not by tokens read: with the engine's threads on both cores
-    this client reads seconds behind the engine (even its response headers came 1.7 s late in one run)."""
+    this client reads seconds behind the engine (even its response headers came a second or more late in one run)."""
     events, lines = [], []
 
     async def kill(pids: list[int]) -> None:
