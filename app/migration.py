@@ -19,6 +19,8 @@ import json
 import re
 from typing import Any
 
+from app.errors import engine_failed
+
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 RETRIED_ONCE = {"/v1/embeddings", "/pooling", "/classify", "/v1/classify", "/score", "/v1/score", "/rerank",
                 "/v1/rerank", "/v2/rerank", "/tokenize", "/detokenize"}
@@ -139,10 +141,11 @@ class Continuation:
             self._first_offsets()
         self.continued, self.base = True, len(ids)
         body = {**self.payload, "stream": True, "return_token_ids": True}
+        self.carried = self.prompt_ids + ids
         if self.chat:
-            body["kv_transfer_params"] = {"prompt_token_ids": self.prompt_ids + ids}
+            body["kv_transfer_params"] = {"prompt_token_ids": self.carried}
         else:
-            body["prompt"] = self.prompt_ids + ids
+            body["prompt"] = self.carried
         for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
             if type(body.get(key)) is int:
                 body[key] = max(body[key] - len(ids), 0 if key == "min_tokens" else 1)
@@ -172,7 +175,7 @@ class Continuation:
             chunk = json.loads(line[6:])
             chunk["id"], chunk["created"] = self.id, self.created
             if chunk.get("prompt_token_ids") is not None:
-                chunk["prompt_token_ids"] = None
+                chunk["prompt_token_ids"] = self._checked(chunk["prompt_token_ids"])
             if chunk.get("usage"):
                 chunk["usage"] = self._usage(chunk["usage"])
             choices = chunk.get("choices") or []
@@ -183,12 +186,19 @@ class Continuation:
                 if self.strip and "token_ids" in choice:
                     choice["token_ids"] = None
                 if choice.get("prompt_token_ids") is not None:
-                    choice["prompt_token_ids"] = None
+                    choice["prompt_token_ids"] = self._checked(choice["prompt_token_ids"])
                 offsets = (choice.get("logprobs") or {}).get("text_offset") if not self.chat else None
                 if offsets:
                     choice["logprobs"]["text_offset"] = [o + self.text_offset for o in offsets]
             out.append(event(chunk))
         return b"".join(out)
+
+    def _checked(self, prompt_ids: list[int]) -> None:
+        """The continuation's prompt as its engine read it must be the one carried over: an engine that ignores
+        `kv_transfer_params.prompt_token_ids` (older vLLM, e.g. 0.26) would start the answer again."""
+        if prompt_ids != self.carried:
+            raise engine_failed("The replica serving this stream failed, and the replica it moved to cannot continue "
+                                "a chat from token ids (its vLLM ignores kv_transfer_params.prompt_token_ids).")
 
     def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         prompt, completion = len(self.prompt_ids or ()), self.base + usage.get("completion_tokens", 0)

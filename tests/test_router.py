@@ -249,8 +249,9 @@ class FakeVLLM:
     `kv_transfer_params.prompt_token_ids` as a chat prompt); `die` = (mode, after n tokens) ends its answers early:
     `reset` (connection cut), `eof` (stream ends without [DONE]), `error` (an engine error event), `500`."""
 
-    def __init__(self, created: int, die: tuple[str, int] | None = None):
+    def __init__(self, created: int, die: tuple[str, int] | None = None, chat_from_ids: bool = True):
         self.created, self.die, self.bodies = created, die, []
+        self.chat_from_ids = chat_from_ids  # False: like vLLM 0.26, kv_transfer_params.prompt_token_ids is ignored
         app = web.Application()
         for route in (CHAT, "/v1/completions"):
             app.router.add_post(route, self.generate)
@@ -270,7 +271,7 @@ class FakeVLLM:
         body = await request.json()
         self.bodies.append(body)
         chat = request.path == CHAT
-        prompt = (body.get("kv_transfer_params") or {}).get("prompt_token_ids") or (
+        prompt = self.chat_from_ids and (body.get("kv_transfer_params") or {}).get("prompt_token_ids") or (
             list(body["messages"][-1]["content"].encode()) if chat else
             body["prompt"] if isinstance(body["prompt"], list) else list(body["prompt"].encode()))
         count = body.get("max_completion_tokens") or body["max_tokens"]
@@ -392,6 +393,15 @@ def test_a_stream_moves_as_often_as_its_replicas_die_within_the_limit():
     r, _ = asyncio.run(answer(engines, CHAT, body))
     assert events(r.text) == expected
     assert [e.bodies[0]["max_tokens"] for e in engines.values()] == [9, 7, 4]
+
+
+def test_a_chat_stream_that_a_replica_cannot_continue_from_ids_ends_with_one_error_not_a_second_answer():
+    expected = events(reference(CHAT, generate()).text)
+    engines = {"a": FakeVLLM(1, die=("reset", 3)), "b": FakeVLLM(2, chat_from_ids=False)}
+    r, _ = asyncio.run(answer(engines, CHAT, generate()))
+    got = events(r.text)
+    assert "error" in got[-1] and "cannot continue" in got[-1]["error"]["message"]
+    assert got[:-1] == expected[:4]  # the role chunk and the 3 tokens before the failure, nothing again
 
 
 def test_a_stream_that_lost_only_its_end_gets_its_usage_and_done():
