@@ -22,6 +22,7 @@ MODEL = "tiny-chat"
 TOKENS = 2000  # greedy, ignore_eos: seconds of generation here (the model's context is 2,048)
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": TOKENS,
         "temperature": 0, "ignore_eos": True, "logprobs": True}
+KILL_AFTER_EVENTS = 10  # the role chunk and 9 tokens: early, since the client reads behind the engine on 2 cores
 STREAM = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -98,20 +99,21 @@ def moved_once(app, attempt) -> None:
 
 async def stream(app, kill: str | None = None) -> tuple[list[dict], list[str]]:
     """A chat stream's events and its raw `data:` lines; kill "serving": its replica (x-served-by-replica) is SIGKILLed
-    as soon as the answer starts, "all": every replica then. The engine has been generating for a while by then."""
+    once the client has read KILL_AFTER_EVENTS events, "all": every replica then."""
     events, lines = [], []
     async with httpx.AsyncClient(timeout=300) as client:
         async with client.stream("POST", f"{app.url}/v1/chat/completions", json=STREAM) as r:
             assert r.status_code == 200
-            if kill:
-                victims = replica_pids(app) if kill == "all" else {replica_pid(app, r.headers["x-served-by-replica"])}
-                for pid in victims:
-                    os.kill(pid, signal.SIGKILL)
+            victims = set() if kill is None else replica_pids(app) if kill == "all" else \
+                {replica_pid(app, r.headers["x-served-by-replica"])}
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
                     lines.append(line)
                     if line != "data: [DONE]":
                         events.append(json.loads(line[6:]))
+                    if len(events) == KILL_AFTER_EVENTS:  # tokens the continuation must carry
+                        for pid in victims:
+                            os.kill(pid, signal.SIGKILL)
     return events, lines
 
 
