@@ -38,7 +38,7 @@ def attempts(route: str, migration_limit: int) -> int:
     """How many more times this request may be sent to another replica after a failure."""
     if route in (CHAT, COMPLETIONS):
         return migration_limit
-    return 1 if route in RETRIED_ONCE else 0
+    return min(1, migration_limit) if route in RETRIED_ONCE else 0
 
 
 def continuable(route: str, payload: dict[str, Any]) -> bool:

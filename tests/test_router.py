@@ -459,6 +459,13 @@ def test_an_idempotent_request_is_retried_once_on_another_replica():
     assert len(dying.bodies) + len(healthy.bodies) in (1, 2) and len(healthy.bodies) == 1
 
 
+def test_migration_limit_0_sends_nothing_twice():
+    from app import migration
+
+    assert [migration.attempts(route, 0) for route in (CHAT, "/tokenize", "/v1/load_lora_adapter")] == [0, 0, 0]
+    assert [migration.attempts(route, 3) for route in (CHAT, "/tokenize", "/v1/load_lora_adapter")] == [3, 1, 0]
+
+
 def test_migrations_are_counted():
     async def main():
         async with router({"a": FakeVLLM(1, die=("reset", 3)), "b": FakeVLLM(2)}) as client:
