@@ -33,7 +33,7 @@ import time
 import httpx
 import yaml
 
-from launch import ROOT, Server, free_port, haproxy_ports, serve_run
+from launch import ROOT, SERVE_ENV, Server, free_port, haproxy_ports, serve_run
 
 CHAT_MODEL, EMBED_MODEL = "tiny-chat", "all-MiniLM-L6-v2"
 CHAT_PATH = ROOT / "models" / "tiny-chat"
@@ -75,7 +75,9 @@ serve.run(build_openai_app({"llm_configs": [config]}), blocking=True)
 
 
 # ray.serve.llm's fastest mode: HAProxy, and the engine deployment as the ingress serving vLLM's app itself.
-RAY_SERVE_LLM_FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}
+# Its HAProxy dies with its Ray as the app's does (Ray 2.60 alone leaves it running after the peer stops).
+RAY_SERVE_LLM_FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+                          "RAY_SERVE_HAPROXY_BINARY_PATH": SERVE_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"]}
 
 
 def ray_serve_llm(workdir: pathlib.Path, fast: bool = False) -> Server:
