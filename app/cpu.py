@@ -20,7 +20,10 @@ import math
 import os
 import pathlib
 import tempfile
+from collections import Counter
 from typing import Any
+
+import psutil
 
 from app.config import CPUOptions, ModelSpec
 from app.engine import EngineServer
@@ -49,10 +52,11 @@ class CPUEngineServer(EngineServer):
             os.environ.pop("OMP_NUM_THREADS", None)
         if options.omp_threads_bind != "auto":
             return
-        cores = claim_cores(options, available_cores())
+        available = available_cores()
+        cores = claim_cores(options, available)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_list(cores)
         logger.info("model %s: vLLM's worker computes on cores %s (of %s; share %s, nice %d)", self.spec.name,
-                    core_list(cores), core_list(available_cores()), options.share, options.nice)
+                    core_list(cores), core_list(available), options.share, options.nice)
 
 
 def cpu_environment(spec: ModelSpec) -> dict[str, str]:
@@ -120,14 +124,12 @@ def claim_cores(options: CPUOptions, cores: list[int], claims_file: pathlib.Path
     with claims_file.open("r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            table = {int(pid): list(c) for pid, c in json.loads(f.read() or "{}").items() if _alive(int(pid))}
+            table = {int(pid): list(c) for pid, c in json.loads(f.read() or "{}").items()
+                     if psutil.pid_exists(int(pid))}
         except (ValueError, AttributeError):
             table = {}
         table.pop(os.getpid(), None)
-        claimed: dict[int, int] = {}
-        for owned in table.values():
-            for core in owned:
-                claimed[core] = claimed.get(core, 0) + 1
+        claimed = Counter(core for owned in table.values() for core in owned)
         picked = pick_cores(options, cores, claimed)
         if options.share == "own":
             table[os.getpid()] = picked
@@ -141,12 +143,3 @@ def core_list(cores: list[int]) -> str:
     """[0, 1, 2, 5] -> '0,1,2,5': vLLM's VLLM_CPU_OMP_THREADS_BIND syntax for one worker."""
     return ",".join(map(str, cores))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
