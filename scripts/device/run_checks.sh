@@ -4,6 +4,8 @@
 #            write the random Qwen2.5-1.5B-shaped model to /tmp/models/qwen-1.5b-random
 #   app      ray start + `serve run serve_configs/gpu-device.yaml`; wait for /health; streaming chat
 #            check with the openai client; vLLM's benchmark client at 64 and 1 concurrent streams; stop
+#   appnomig the same with migration off (scripts/device/serve-nomig.yaml: migration_limit 0, so the router neither
+#            asks for token ids nor strips them): the A/B of migration's cost per token
 #   vllm     `python -m vllm.entrypoints.openai.api_server` with the same model and engine args; same
 #            benchmark; stop
 #   single   (two GPUs) `app` on GPU 0 and `vllm` on GPU 1 started side by side, then benchmarked in turn;
@@ -44,6 +46,7 @@ NAME=qwen-1.5b-random
 PORT=8000
 MAX_MODEL_LEN=4096
 BENCH_PROMPTS=${BENCH_PROMPTS:-1280}
+BENCH1_PROMPTS=${BENCH1_PROMPTS:-64}  # at 1 stream (32 until 2026-12-05: too few for a 1 ms difference)
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$repo PATH=/tmp/site/bin:$PATH
 export RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # The app's request path: Ray Serve's HAProxy with direct ingress (README "How it is built").
@@ -159,19 +162,19 @@ stop_app() {  # dir [ray-logs-dir]
   stop_gpu_leftovers
 }
 
-phase_app() {
-  local d=$RES/app rc=0; mkdir -p "$d"
-  if start_app "$d" serve_configs/gpu-device.yaml; then
+phase_app() {  # [label config]: the app (serve_configs/gpu-device.yaml), or another config under another label
+  local label=${1:-app} config=${2:-serve_configs/gpu-device.yaml} d rc=0; d=$RES/$label; mkdir -p "$d"
+  if start_app "$d" "$config"; then
     python3 scripts/device/chat_check.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" \
       > "$d/chat_check.json" 2>&1 || { rc=1; log "chat check failed"; }
     cat "$d/chat_check.json"
-    bench app 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
-    bench app 1 32 2 "$d" || rc=1
+    bench "$label" 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+    bench "$label" 1 "$BENCH1_PROMPTS" 2 "$d" || rc=1
   else
     rc=1
   fi
   stop_app "$d"; stop_haproxy_leftovers
-  pack app "$d"
+  pack "$label" "$d"
   return $rc
 }
 
@@ -593,7 +596,7 @@ phase_vllm() {
     python3 scripts/device/chat_check.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" \
       > "$d/chat_check.json" 2>&1 || { rc=1; log "chat check failed"; }
     bench vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
-    bench vllm 1 32 2 "$d" || rc=1
+    bench vllm 1 "$BENCH1_PROMPTS" 2 "$d" || rc=1
   else
     rc=1
   fi
@@ -611,6 +614,7 @@ for p in "${phases[@]}"; do
   case $p in
     install) phase_install ;;
     app) phase_app ;;
+    appnomig) phase_app appnomig scripts/device/serve-nomig.yaml ;;
     vllm) phase_vllm ;;
     single) phase_single ;;
     tp2vllm) phase_tp2vllm ;;
