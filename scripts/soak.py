@@ -11,8 +11,8 @@ after a kill, or a process was left behind.
 `--migration`: two replicas of the tiny chat model (tests/configs/migration.yaml) under `--concurrency` greedy
 streams, one replica SIGKILLed whenever both run and `--kill-every-min` passed; in-flight streams move to the other
 replica (`app.migration`), so every failure counts (no recovery window) and so does a stream short of its tokens:
-    .venv/bin/python scripts/soak.py --migration --minutes 10 --kill-every-min 1.5 --concurrency 16 \
-        --name soak-migration
+    .venv/bin/python scripts/soak.py --migration --minutes 30 --kill-every-min 2 --concurrency 16 \
+        --name soak-migration-30min
 """
 
 from __future__ import annotations
