@@ -15,11 +15,10 @@ python=${PYTHON:-python3}
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   echo "setup: installing into .venv (about 2 minutes the first time)"
-  # --no-compile: Python compiles only the modules it imports, on first import (byte-compiling every file of torch,
-  # vLLM and Ray up front took about a minute here).
+  pip install -q --upgrade pip
   # The CPU build of torch first: pip takes torch 2.13.0+cpu from this machine's disk.
-  pip install -q --no-compile torch==2.13.0
-  pip install -q --no-compile -e '.[cpu,test,bench]'
+  pip install -q torch==2.13.0
+  pip install -q -e '.[cpu,test,bench]'
   # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > .venv/.setup-done
