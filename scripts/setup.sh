@@ -18,6 +18,8 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   pip install -q --upgrade pip
   # The CPU build of torch first: pip takes torch 2.13.0+cpu from this machine's disk.
   pip install -q torch==2.13.0
+  # pip byte-compiles everything it installs (about a minute here): keep it, since PYTHONDONTWRITEBYTECODE=1 on these
+  # machines means that nothing would be compiled later, and every process would compile vLLM's modules again.
   pip install -q -e '.[cpu,test,bench]'
   # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
