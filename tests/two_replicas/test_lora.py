@@ -18,9 +18,9 @@ import pytest
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, import_script, running, serve_run
+from conftest import ROOT, import_script, running
 
-# vllm serve, then the app with two replicas, start within the first test: slow on a busy 2-core machine.
+# The app with two replicas, then vllm serve, start within the module: slow on a busy 2-core machine.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 BASE, ADAPTER, RUNTIME = "tiny-chat", "tiny-lora", "tiny-lora-2"
@@ -42,7 +42,7 @@ def openai_client(url: str) -> OpenAI:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[tuple[str, str], tuple]:
-    """Greedy answers of `vllm serve` with the config's adapter; run (and stopped) before the app starts."""
+    """Greedy answers of `vllm serve` with the config's adapter (the package's app idles meanwhile)."""
     bench = import_script("bench")
     server = bench.vllm_serve(str(BASE_PATH), BASE, tmp_path_factory.mktemp("vllm-lora"), "--max-model-len", "2048",
                               "--enable-lora", "--max-loras", "2", "--lora-modules", f"{ADAPTER}={ADAPTER_PATH}")
@@ -56,12 +56,6 @@ def second_adapter(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("lora") / "tiny-chat-lora-2"
     assert import_script("make_tiny_lora").main(["--base", str(BASE_PATH), "--out", str(out), "--seed", "1"]) == 0
     return str(out)
-
-
-@pytest.fixture(scope="module")
-def app(reference, tmp_path_factory):
-    with running(serve_run(ROOT / "tests" / "configs" / "lora.yaml", tmp_path_factory.mktemp("lora-app"))) as app:
-        yield app
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Requests outlive their engine replica (`app.migration`), on the real app: two replicas of the tiny chat model,
-the one serving a greedy request SIGKILLed halfway; the client's answer is that of the same request unkilled."""
+"""Requests outlive their engine replica (`app.migration`), on the real app: two replicas of the tiny chat model (the
+package's app), the one serving a greedy request SIGKILLed halfway; the client's answer is that of the same request
+unkilled. Last in the package: the kills leave replicas starting."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import ROOT, running, running_by_replica, serve_run
+from conftest import running_by_replica
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +25,6 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "tell me a long
         "temperature": 0, "ignore_eos": True, "logprobs": True}
 KILL_AFTER_EVENTS = 10  # the role chunk and 9 tokens: early, since the client reads behind the engine on 2 cores
 STREAM = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with running(serve_run(ROOT / "tests" / "configs" / "migration.yaml", tmp_path_factory.mktemp("migration"))) as app:
-        yield app
 
 
 def replica_pids(app) -> set[int]:
