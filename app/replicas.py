@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ logger = logging.getLogger("ray.serve")
 
 RETRY_DOWN_AFTER_S = 5.0
 REFUSED_PAUSE_S = 0.05  # a replica that refused as full gets one probing request from this router this often
-NO_REPLICA_WAIT_S = 60.0  # a request for a model with no running replica waits this long for one (limits.starting_model_wait_s)
 
 
 class NoCapacity(Exception):
@@ -57,7 +57,7 @@ class ReplicaPool:
     routes: ServedRoutes | None = None  # known once a replica published them
     problem: str | None = None  # Ray Serve's message while the deployment is not healthy
     affinity: PrefixAffinity | None = None  # prefix-aware choice (deployment.request_router); None: least loaded
-    no_replica_wait_s: float = NO_REPLICA_WAIT_S  # while no replica runs (starting, restarting): the longest wait
+    no_replica_wait_s: float = math.inf  # while no replica runs: the longest wait (limits.starting_model_wait_s)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def update(self, running: dict[str, dict]) -> None:
@@ -126,7 +126,8 @@ class ReplicaPool:
         try:
             async with asyncio.timeout(timeout_s), self._changed:
                 while (replica := self.pick(prompt)) is None:
-                    # Woken by a slot of this router's coming free or a new replica, else when a pause ends.
+                    # Woken by a slot of this router's coming free or a new replica, else when a pause or a
+                    # down period ends.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self._next_pause_end()):
                             await self._changed.wait()
@@ -137,9 +138,11 @@ class ReplicaPool:
             self.waiting -= 1
 
     def _next_pause_end(self) -> float | None:
-        """Seconds until a replica that refused as full may be tried again (None: none did)."""
+        """Seconds until a replica that refused as full, or was marked down, may be tried again (None: none)."""
         now = time.monotonic()
         pauses = [r.refused_until - now for r in self.replicas.values() if r.full and r.refused_until > now]
+        pauses += [r.down_since + RETRY_DOWN_AFTER_S - now for r in self.replicas.values()
+                   if r.down_since is not None and now - r.down_since <= RETRY_DOWN_AFTER_S]
         return max(min(pauses), 0.001) if pauses else None
 
     def _notify(self) -> None:

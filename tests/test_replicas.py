@@ -93,6 +93,20 @@ def test_a_replica_that_refused_a_connection_is_skipped_for_a_while(monkeypatch)
     assert p.pick().replica_id == "a"  # tried again later
 
 
+def test_a_waiting_request_gets_a_replica_when_its_down_period_ends(monkeypatch):
+    monkeypatch.setattr(replicas, "RETRY_DOWN_AFTER_S", 0.2)
+    p = pool(ids=("a",))
+
+    async def main():
+        p.mark_down(p.replicas["a"])
+        started = asyncio.get_running_loop().time()
+        async with p.slot(5) as replica:  # nothing else happens: only the end of the down period can wake it
+            return replica.replica_id, asyncio.get_running_loop().time() - started
+
+    replica_id, waited = asyncio.run(main())
+    assert replica_id == "a" and 0.2 <= waited < 2
+
+
 def test_update_follows_the_running_set_and_keeps_counts():
     p = pool(ids=("a", "b"))
     p.replicas["a"].ongoing = 1
