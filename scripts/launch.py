@@ -58,7 +58,7 @@ class Server:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
-            time.sleep(2)
+            time.sleep(0.5)
         raise TimeoutError(f"not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def rss_mib(self) -> float:
