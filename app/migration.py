@@ -77,6 +77,7 @@ class Continuation:
         self.base = 0  # generated tokens carried into the current continuation
         self.text_offset = 0  # completions logprobs: characters relayed before the current continuation
         self.continued = False
+        self.carried: list[int] = []  # the prompt ids the current continuation was sent
 
     def engine_body(self, body: bytes) -> bytes:
         """The client's body asking for token ids too (the last key wins over the client's own)."""
@@ -175,7 +176,8 @@ class Continuation:
             chunk = json.loads(line[6:])
             chunk["id"], chunk["created"] = self.id, self.created
             if chunk.get("prompt_token_ids") is not None:
-                chunk["prompt_token_ids"] = self._checked(chunk["prompt_token_ids"])
+                self._check(chunk["prompt_token_ids"])
+                chunk["prompt_token_ids"] = None
             if chunk.get("usage"):
                 chunk["usage"] = self._usage(chunk["usage"])
             choices = chunk.get("choices") or []
@@ -186,14 +188,15 @@ class Continuation:
                 if self.strip and "token_ids" in choice:
                     choice["token_ids"] = None
                 if choice.get("prompt_token_ids") is not None:
-                    choice["prompt_token_ids"] = self._checked(choice["prompt_token_ids"])
+                    self._check(choice["prompt_token_ids"])
+                    choice["prompt_token_ids"] = None
                 offsets = (choice.get("logprobs") or {}).get("text_offset") if not self.chat else None
                 if offsets:
                     choice["logprobs"]["text_offset"] = [o + self.text_offset for o in offsets]
             out.append(event(chunk))
         return b"".join(out)
 
-    def _checked(self, prompt_ids: list[int]) -> None:
+    def _check(self, prompt_ids: list[int]) -> None:
         """The continuation's prompt as its engine read it must be the one carried over: an engine that ignores
         `kv_transfer_params.prompt_token_ids` (older vLLM, e.g. 0.26) would start the answer again."""
         if prompt_ids != self.carried:

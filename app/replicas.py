@@ -41,8 +41,13 @@ class Replica:
     full: bool = False  # it refused a request as full (other routers' requests fill it too)
     refused_until: float = 0.0  # while full: when this router may probe it with one request again
 
+    def retry_at(self) -> float:
+        """When this router may send it a request again: after its refusal pause and its down period (0: now)."""
+        return max(self.refused_until if self.full else 0.0,
+                   0.0 if self.down_since is None else self.down_since + RETRY_DOWN_AFTER_S)
+
     def available(self, now: float) -> bool:
-        return (not self.full or now >= self.refused_until) and (self.down_since is None or now - self.down_since > RETRY_DOWN_AFTER_S)
+        return now >= self.retry_at()
 
 
 @dataclass
@@ -140,9 +145,7 @@ class ReplicaPool:
     def _next_pause_end(self) -> float | None:
         """Seconds until a replica that refused as full, or was marked down, may be tried again (None: none)."""
         now = time.monotonic()
-        pauses = [r.refused_until - now for r in self.replicas.values() if r.full and r.refused_until > now]
-        pauses += [r.down_since + RETRY_DOWN_AFTER_S - now for r in self.replicas.values()
-                   if r.down_since is not None and now - r.down_since <= RETRY_DOWN_AFTER_S]
+        pauses = [at - now for at in map(Replica.retry_at, self.replicas.values()) if at > now]
         return max(min(pauses), 0.001) if pauses else None
 
     def _notify(self) -> None:
