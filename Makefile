@@ -15,8 +15,11 @@ SERVE_ENV = RAY_worker_niceness=0 RAY_SERVE_CONTROL_LOOP_INTERVAL_S=1 RAY_SERVE_
 serve: setup
 	$(SERVE_ENV) .venv/bin/serve run --address local serve_configs/cpu.yaml
 
+# Two workers (pytest-xdist): each integration group (one app and its tests) runs whole in one worker, the longest
+# groups first (tests/conftest.py); on 2 cores an app start leaves about a quarter of the CPU idle, and many tests
+# wait on a replica's replacement or drain.
 test: setup
-	.venv/bin/python -m pytest -v -rs --durations=25
+	.venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -v -rs --durations=25
 
 test-unit: setup
 	.venv/bin/python -m pytest -v -m "not integration"

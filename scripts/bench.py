@@ -101,12 +101,19 @@ main(parser.parse_args(sys.argv[1:]))
 """
 
 
-def chat_benches(url: str, workdir: pathlib.Path, label: str, args) -> dict:
-    """`chat_bench` at each concurrency of `args.concurrency` (comma list): {"c16": {...}, "c1": {...}}."""
+def chat_benches(url: str, workdir: pathlib.Path, label: str, args, server: Server | None = None) -> dict:
+    """`chat_bench` at each concurrency of `args.concurrency` (comma list): {"c16": {...}, "c1": {...}}; with the
+    server's CPU time per output token and process role (`cpu_us_per_token`) where the server is given."""
     results = {}
     for streams in map(int, str(args.concurrency).split(",")):
         prompts = args.num_prompts if streams > 1 else args.single_stream_prompts
-        results[f"c{streams}"] = chat_bench(url, workdir, f"{label}-c{streams}", args, streams, prompts)
+        before = server.cpu_seconds() if server else {}
+        results[f"c{streams}"] = result = chat_bench(url, workdir, f"{label}-c{streams}", args, streams, prompts)
+        if server:
+            tokens = result["completed"] * args.output_len
+            after = server.cpu_seconds()
+            result["cpu_us_per_token"] = {role: round((after[role] - before.get(role, 0.0)) / tokens * 1e6, 1)
+                                          for role in sorted(after)}
     return results
 
 
@@ -245,12 +252,28 @@ def markdown(report: dict, args) -> str:
     rows += [f"| {n} | {e['requests_per_s']} | {e['p50_ms']} | {e['p99_ms']} |" for n, e in embeds]
     rows += ["", "| ratio | value |", "| --- | --- |"]
     rows += [f"| {k} | {v} |" for k, v in report["ratios"].items()]
+    rows += ["", *cpu_table(report["results"])]
     setup = (f"Streaming chat: {args.num_prompts} requests at each concurrency above 1 ({args.single_stream_prompts} "
              f"at 1), {args.input_len} tokens in, {args.output_len} out (`vllm bench serve`, random dataset, "
              f"--ignore-eos). The app serves both embedded models behind one URL (serve_configs/cpu.yaml); app-direct: the "
              f"same app's chat engine replica's own server (no HAProxy, no router); app-chat: the chat model alone. "
              f"Embeddings: {args.embed_requests} requests of 16 sentences, {args.embed_concurrency} concurrent.")
     return "\n".join([setup, "", *rows, ""])
+
+
+def cpu_table(results: dict) -> list[str]:
+    """CPU microseconds per output token by process role, at each concurrency (markdown rows)."""
+    runs = [(f"{name} c{level[1:]}", c["cpu_us_per_token"]) for name, r in results.items()
+            for level, c in r.items() if level.startswith("c") and "cpu_us_per_token" in c]
+    if not runs:
+        return []
+    rows = ["CPU µs per output token, by process (user + system; the benchmark client not counted):", "",
+            "| system | total | by role |", "| --- | --- | --- |"]
+    for label, roles in runs:
+        busiest = sorted(roles.items(), key=lambda kv: -kv[1])
+        rows.append(f"| {label} | {sum(roles.values()):.0f} | "
+                    + ", ".join(f"{role} {us:.0f}" for role, us in busiest if us >= 0.5) + " |")
+    return rows
 
 
 def plot(report: dict, path: pathlib.Path) -> None:
@@ -432,8 +455,8 @@ def main() -> int:
         write_report(report, args.name or "routing-bench", routing_markdown(report))
         return 0
 
-    def chat(url):
-        return chat_benches(url, workdir, label, args)
+    def chat(url, server=None):
+        return chat_benches(url, workdir, label, args, server)
 
     def embeddings(url):
         return asyncio.run(embed_load(url, args.embed_requests, args.embed_concurrency))
@@ -445,31 +468,34 @@ def main() -> int:
 
         def both(url):
             nonlocal label
-            result = chat(url)
+            result = chat(url, server)
             direct = engine_url(server, CHAT_MODEL)
             if direct:  # the same engine, past HAProxy and the router
                 label = "app-direct"
-                results["app-direct"] = chat(direct)
+                results["app-direct"] = chat(direct, server)
                 label = "app"
             return result | ({} if args.skip_embeddings else {"embed": embeddings(url)})
 
         results["app"] = measure("app", server, both, progress)
     if "app-chat" in systems:
         label = "app-chat"
-        results["app-chat"] = measure(label, serve_run(chat_only_config(args.config, workdir), workdir), chat, progress)
+        server = serve_run(chat_only_config(args.config, workdir), workdir)
+        results["app-chat"] = measure(label, server, lambda url: chat(url, server), progress)
     if "vllm" in systems:
         label = "vllm-serve"
         server = vllm_serve(str(CHAT_PATH), CHAT_MODEL, workdir, "--max-model-len", str(MAX_MODEL_LEN))
-        results["vllm-serve"] = measure(label, server, chat, progress)
+        results["vllm-serve"] = measure(label, server, lambda url: chat(url, server), progress)
         if not args.skip_embeddings:
             server = vllm_serve(embed_path(), EMBED_MODEL, workdir, "--runner", "pooling")
             results["vllm-serve-embed"] = measure("vllm-serve-embed", server, embeddings, progress)
     if "ray" in systems:
         label = "ray-serve-llm"
-        results["ray-serve-llm"] = measure(label, ray_serve_llm(workdir), chat, progress)
+        server = ray_serve_llm(workdir)
+        results["ray-serve-llm"] = measure(label, server, lambda url: chat(url, server), progress)
     if "ray-fast" in systems:
         label = "ray-serve-llm-fast"
-        results["ray-serve-llm-fast"] = measure(label, ray_serve_llm(workdir, fast=True), chat, progress)
+        server = ray_serve_llm(workdir, fast=True)
+        results["ray-serve-llm-fast"] = measure(label, server, lambda url: chat(url, server), progress)
 
     report = summarize(results) | machine
     name = args.name or "cpu-bench"

@@ -83,6 +83,20 @@ class Server:
                 pass
         return pids
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by this server and its descendants, summed per role
+        (`process_role`). Processes that ended since the last reading are missing: compare readings of a steady
+        server."""
+        root = psutil.Process(self.process.pid)
+        totals: dict[str, float] = {}
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times, role = proc.cpu_times(), process_role(proc, root)
+            except psutil.Error:
+                continue
+            totals[role] = totals.get(role, 0.0) + times.user + times.system
+        return totals
+
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -94,6 +108,23 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def process_role(proc: psutil.Process, root: psutil.Process) -> str:
+    """What a process of a server is: a Serve replica by its deployment (`ingress`, an engine's), vLLM's engine
+    processes by the replica that started them (`tiny-chat EngineCore`), HAProxy, the server's own process, or Ray."""
+    command = " ".join(proc.cmdline())
+    if "haproxy" in command:
+        return "haproxy"
+    if command.startswith("VLLM::"):
+        title = command.split()[0].removeprefix("VLLM::")
+        owner = next((p for p in proc.parents() if "ServeReplica:" in " ".join(p.cmdline())), None)
+        return f"{process_role(owner, root)} {title}" if owner else title
+    if "ServeReplica:" in command:
+        return command.split()[0].rsplit(":", 1)[-1]
+    if "ServeController" in command:
+        return "serve controller"
+    return "server" if proc.pid == root.pid else "ray (raylet, gcs, agents, workers)"
 
 
 # What `make serve` sets: workers at normal priority (Ray's default nice 15 starves vLLM's engine processes),
@@ -142,6 +173,11 @@ def leftover_processes() -> set[int]:
 RUN_ID = "LLM_APP_RUN_ID"  # set for a test or CI run: every process it starts (Ray, vLLM, HAProxy) inherits it
 
 
+def of_run(process_run_id: str | None, run_id: str) -> bool:
+    """Whether a process's run id is `run_id` or one of its parts (`<run_id>-gw0`: a worker of `pytest -n`)."""
+    return process_run_id is not None and (process_run_id == run_id or process_run_id.startswith(f"{run_id}-"))
+
+
 def processes_of_run(run_id: str) -> dict[int, str]:
     """pid -> command line of every process whose environment carries this run's id, but the caller and its
     ancestors: after a run, these are the processes it left behind."""
@@ -149,7 +185,7 @@ def processes_of_run(run_id: str) -> dict[int, str]:
     found = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if proc.pid not in mine and proc.environ().get(RUN_ID) == run_id:
+            if proc.pid not in mine and of_run(proc.environ().get(RUN_ID), run_id):
                 found[proc.pid] = " ".join(proc.info["cmdline"] or [])[:200]
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass

@@ -23,9 +23,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from launch import RUN_ID, Server, processes_of_run, running, serve_run  # noqa: E402
 
 # Every process the suite starts inherits this run's id (so that what it leaves behind can be named and nothing
-# else is touched) and keeps Ray's sessions in a folder of its own, not the user's /tmp/ray.
+# else is touched) and keeps Ray's sessions in a folder of its own, not the user's /tmp/ray. Under `pytest -n`
+# (xdist) each worker extends the id with its own name: a worker checks only its own processes, while
+# `launch.py leftovers <id>` still finds every worker's.
 os.environ.setdefault(RUN_ID, uuid.uuid4().hex)
-OWN_RAY_DIR = "RAY_TMPDIR" not in os.environ
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ[RUN_ID] = f"{os.environ[RUN_ID]}-{XDIST_WORKER}"
+OWN_RAY_DIR = "RAY_TMPDIR" not in os.environ  # in the controller of `pytest -n`, not in its workers
 if OWN_RAY_DIR:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="llmt-")
 
@@ -50,6 +55,9 @@ def nothing_left_behind():
     while (left := processes_of_run(os.environ[RUN_ID])) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, f"processes outlived the test session's apps: {left}"
+
+
+def pytest_unconfigure(config):
     if OWN_RAY_DIR:
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
@@ -90,13 +98,36 @@ def local_ray_cluster(**head_args):
     return Cluster(initialize_head=True, head_node_args=head_args)
 
 
-def pytest_collection_modifyitems(items):
-    # The fast unit tests first; the tests of the session's shared app last, so that it starts once the modules
-    # with apps of their own are done and does not idle beside them (module order is kept otherwise).
-    def shares_the_app(item) -> bool:
-        return bool({"cpu_app", "base_url"} & set(getattr(item, "fixturenames", ())))  # with what they need
+# Integration groups, the longest first (as measured on 2 cores, benchmarks/ci-check.json), but the session's
+# shared app last, so that it does not idle beside the apps of the other groups. Under `pytest -n 2 --dist
+# loadgroup` each group runs in one worker, and a worker that finishes a group takes the next one in this order.
+GROUP_ORDER = ["two_replicas", "test_rolling_update", "test_cpu_ray_platform", "test_control_plane",
+               "test_reliability", "test_startup_failure", "test_spillover", "test_gpu_placement", "cpu_app"]
 
-    items.sort(key=lambda item: (item.get_closest_marker("integration") is not None, shares_the_app(item)))
+
+def integration_group(item) -> str | None:
+    """The tests that must run in one process: those of one app (the session's shared app; a module's or a
+    package's own app). None for a unit test."""
+    if item.get_closest_marker("integration") is None:
+        return None
+    if {"cpu_app", "base_url"} & set(getattr(item, "fixturenames", ())):  # with what they need
+        return "cpu_app"
+    return item.path.parent.name if item.path.parent != ROOT / "tests" else item.path.stem
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    # The fast unit tests first, then the integration groups in GROUP_ORDER (a new group before the shared app).
+    def rank(item) -> int:
+        group = integration_group(item)
+        if group is None:
+            return -1
+        return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER) - 1.5
+
+    items.sort(key=rank)
+    for item in items:
+        if group := integration_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def running_by_replica(base_url: str, model: str | None = None, headers: dict | None = None) -> dict[str, float]:

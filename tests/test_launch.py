@@ -1,0 +1,47 @@
+"""The process bookkeeping of `scripts/launch.py`: run ids of parallel test workers, process roles for the
+benchmark's CPU profile."""
+
+from __future__ import annotations
+
+from launch import of_run, process_role
+
+
+class FakeProcess:
+    def __init__(self, pid: int, command: str, parent: FakeProcess | None = None):
+        self.pid, self.command, self.parent = pid, command, parent
+
+    def cmdline(self) -> list[str]:
+        return self.command.split()
+
+    def parents(self) -> list[FakeProcess]:
+        chain, proc = [], self.parent
+        while proc is not None:
+            chain.append(proc)
+            proc = proc.parent
+        return chain
+
+
+def test_a_workers_processes_belong_to_the_run_and_no_other_runs_do():
+    assert of_run("abc", "abc") and of_run("abc-gw1", "abc")
+    assert not of_run("abcd", "abc") and not of_run("ab", "abc") and not of_run(None, "abc")
+    assert not of_run("abc", "abc-gw0")  # a worker checks only its own
+
+
+def test_roles_name_replicas_by_deployment_and_engine_processes_by_their_replica():
+    root = FakeProcess(1, "/venv/bin/python3 /venv/bin/serve run --address local cpu.yaml")
+    raylet = FakeProcess(2, "/venv/ray/raylet --raylet_socket_name=x", root)
+    router = FakeProcess(3, "ray::ServeReplica:default:ingress", raylet)
+    chat = FakeProcess(4, "ray::ServeReplica:default:tiny-chat", raylet)
+    core = FakeProcess(5, "VLLM::EngineCore", chat)
+    worker = FakeProcess(6, "VLLM::Worker", core)
+    haproxy = FakeProcess(7, "/venv/bin/haproxy-with-parent -f /tmp/ray_haproxy/haproxy.cfg", raylet)
+    controller = FakeProcess(8, "ray::ServeController.listen_for_change", raylet)
+    roles = {p.pid: process_role(p, root) for p in (root, raylet, router, chat, core, worker, haproxy, controller)}
+    assert roles == {1: "server", 2: "ray (raylet, gcs, agents, workers)", 3: "ingress", 4: "tiny-chat",
+                     5: "tiny-chat EngineCore", 6: "tiny-chat Worker", 7: "haproxy", 8: "serve controller"}
+
+
+def test_vllm_serves_own_engine_processes_have_no_replica():
+    root = FakeProcess(1, "python -m vllm.entrypoints.openai.api_server --model m")
+    core = FakeProcess(2, "VLLM::EngineCore", root)
+    assert process_role(root, root) == "server" and process_role(core, root) == "EngineCore"
