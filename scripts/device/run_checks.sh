@@ -86,6 +86,7 @@ wait_healthy() {  # url timeout_s pid logfile
 bench() {  # label concurrency prompts warmups dir [port]
   local label=$1 conc=$2 n=$3 warm=$4 dir=$5 port=${6:-$PORT}
   log "bench $label: $n prompts, 128 in / 128 out, max concurrency $conc"
+  python3 scripts/device/cpu_roles.py > "$dir/cpu_before_${label}_c${conc}.json" 2>/dev/null
   timeout 300 python3 -m vllm.entrypoints.cli.main bench serve \
     --backend openai --base-url "http://127.0.0.1:$port" --endpoint /v1/completions \
     --model "$NAME" --tokenizer "$MODEL" \
@@ -95,7 +96,10 @@ bench() {  # label concurrency prompts warmups dir [port]
     --save-result --result-dir "$dir" --result-filename "${label}_c${conc}.json" --disable-tqdm \
     > "$dir/bench_${label}_c${conc}.log" 2>&1
   local rc=$?
+  python3 scripts/device/cpu_roles.py > "$dir/cpu_after_${label}_c${conc}.json" 2>/dev/null
   sed -n '/Serving Benchmark Result/,$p' "$dir/bench_${label}_c${conc}.log"
+  [ $rc = 0 ] && python3 scripts/device/cpu_roles.py diff "$dir/cpu_before_${label}_c${conc}.json" \
+    "$dir/cpu_after_${label}_c${conc}.json" "$dir/${label}_c${conc}.json" | tee "$dir/${label}_cpu_c${conc}.txt"
   [ $rc = 0 ] || { log "bench $label c$conc failed (rc $rc)"; tail -40 "$dir/bench_${label}_c${conc}.log"; }
   return $rc
 }
@@ -615,6 +619,8 @@ for p in "${phases[@]}"; do
     install) phase_install ;;
     app) phase_app ;;
     appnomig) phase_app appnomig scripts/device/serve-nomig.yaml ;;
+    app2) phase_app app2 ;;  # a second app / appnomig pair, for an interleaved A/B on one machine
+    appnomig2) phase_app appnomig2 scripts/device/serve-nomig.yaml ;;
     vllm) phase_vllm ;;
     single) phase_single ;;
     tp2vllm) phase_tp2vllm ;;
