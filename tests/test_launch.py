@@ -45,3 +45,17 @@ def test_vllm_serves_own_engine_processes_have_no_replica():
     root = FakeProcess(1, "python -m vllm.entrypoints.openai.api_server --model m")
     core = FakeProcess(2, "VLLM::EngineCore", root)
     assert process_role(root, root) == "server" and process_role(core, root) == "EngineCore"
+
+
+def test_device_cpu_per_token_is_the_difference_over_the_output_tokens():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cpu_roles", ROOT / "scripts" / "device" / "cpu_roles.py")
+    cpu_roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_roles)
+    before = {"ingress": 10.0, "tiny-chat Worker": 100.0}
+    after = {"ingress": 12.0, "tiny-chat Worker": 110.0, "benchmark client": 0.0001}
+    assert cpu_roles.per_token(before, after, 100_000) == {"tiny-chat Worker": 100.0, "ingress": 20.0}
+    assert list(cpu_roles.per_token(before, after, 100_000)) == ["tiny-chat Worker", "ingress"]  # busiest first
