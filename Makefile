@@ -15,11 +15,13 @@ SERVE_ENV = RAY_worker_niceness=0 RAY_SERVE_CONTROL_LOOP_INTERVAL_S=1 RAY_SERVE_
 serve: setup
 	$(SERVE_ENV) .venv/bin/serve run --address local serve_configs/cpu.yaml
 
-# Two workers (pytest-xdist): each integration group (one app and its tests) runs whole in one worker, the longest
-# groups first (tests/conftest.py); on 2 cores an app start leaves about a quarter of the CPU idle, and many tests
-# wait on a replica's replacement or drain.
+# TEST_WORKERS=N runs N pytest-xdist workers; each integration group (one app and its tests) runs whole in one
+# worker, the longest groups first (tests/conftest.py). 0 (one process) is the default: on 2 cores two workers
+# saved about 2 of 23 minutes, and the load they add made a load-sensitive test fail once in two runs.
+TEST_WORKERS ?= 0
+
 test: setup
-	.venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -v -rs --durations=25
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -v -rs --durations=25
 
 test-unit: setup
 	.venv/bin/python -m pytest -v -m "not integration"

@@ -47,6 +47,12 @@ class IngressMetrics:
             "Requests handed to another replica of their model after theirs failed mid-answer (app.migration).",
             ["model"], registry=self.registry,
         )
+        self.refusals = Counter(
+            "llm_ingress_engine_refusals",
+            "Requests an engine replica refused before any engine work (app.admission): full (at its "
+            "max_ongoing_requests), stopping or broken; the request then went to another replica or waited.",
+            ["model", "reason"], registry=self.registry,
+        )
         self.in_flight = Gauge(
             "llm_ingress_requests_in_flight", "Requests open at this ingress replica.", ["model"],
             registry=self.registry,

@@ -213,6 +213,7 @@ class Relay:
                     refused = response.headers.get(REFUSED)
                     if refused is not None:
                         response.release()
+                        self.metrics.refusals.labels(pool.model, refused).inc()
                         if refused == "full":
                             pool.mark_refused(replica)
                         else:  # stopping or broken: out of the tables soon

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -62,12 +63,25 @@ def test_scales_up_under_streams_with_the_limit_held_across_routers_then_down(ap
     assert len(set(served_by)) == 2, set(served_by)  # scaled to max_replicas, both serve
     # 12 streams over 2 routers: each router alone may send 3 per replica; the engine admits 3 in all.
     assert peaks and max(peaks.values()) <= MAX_ONGOING, peaks
-    assert max(peaks.values()) == MAX_ONGOING, peaks  # the load did reach the limit
+    # The load did reach the limit: a replica refused requests as full. (Not from the gauge: on a loaded machine the
+    # engine answers /metrics mostly while it is idle, so the reads missed every peak in one run.)
+    assert full_refusals(app.url) > 0
     deadline = time.monotonic() + 240  # idle: downscale_delay_s 20, then a graceful stop
     while len(running_by_replica(app.url)) > 1 and time.monotonic() < deadline:
         time.sleep(2)
     assert len(running_by_replica(app.url)) == 1
     print(f"back to one replica {240 - (deadline - time.monotonic()):.0f} s after the load stopped")
+
+
+def full_refusals(url: str, asks: int = 6) -> float:
+    """The most `full` refusals (app.admission) that a router answering counted; HAProxy spreads the asks over both
+    router replicas."""
+    found = 0.0
+    for _ in range(asks):
+        text = httpx.get(f"{url}/metrics", timeout=60).text
+        counted = re.search(r'^llm_ingress_engine_refusals_total{model="tiny-chat",reason="full"} (\S+)$', text, re.M)
+        found = max(found, float(counted.group(1)) if counted else 0.0)
+    return found
 
 
 def routers_tables(url: str, asks: int = 6) -> list[set[str]]:

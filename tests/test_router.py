@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from contextlib import asynccontextmanager
 
 import httpx
@@ -125,6 +126,8 @@ def test_a_replica_full_with_other_routers_requests_sends_the_request_to_another
             answers = [await client.post(CHAT, json=chat()) for _ in range(4)]
             assert [r.json()["engine"] for r in answers] == ["free"] * 4
             assert len(free.bodies) == 4
+            text = (await client.get("/metrics")).text  # refusals are counted (the pause skips "a" after one)
+            assert re.search(r'^llm_ingress_engine_refusals_total{model="m",reason="full"} [1-4]\.0$', text, re.M)
 
     run(main())
 
