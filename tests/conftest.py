@@ -118,7 +118,7 @@ def integration_group(item) -> str | None:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     # The fast unit tests first, then the integration groups in GROUP_ORDER (a new group before the shared app).
-    def rank(item) -> int:
+    def rank(item) -> float:
         group = integration_group(item)
         if group is None:
             return -1
