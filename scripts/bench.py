@@ -33,7 +33,7 @@ import time
 import httpx
 import yaml
 
-from launch import ROOT, SERVE_ENV, Server, free_port, haproxy_ports, serve_run
+from launch import ROOT, SERVE_ENV, Server, free_port, haproxy_ports, serve_run, us_per_token
 
 CHAT_MODEL, EMBED_MODEL = "tiny-chat", "all-MiniLM-L6-v2"
 CHAT_PATH = ROOT / "models" / "tiny-chat"
@@ -110,10 +110,7 @@ def chat_benches(url: str, workdir: pathlib.Path, label: str, args, server: Serv
         before = server.cpu_seconds() if server else {}
         results[f"c{streams}"] = result = chat_bench(url, workdir, f"{label}-c{streams}", args, streams, prompts)
         if server:
-            tokens = result["completed"] * args.output_len
-            after = server.cpu_seconds()
-            result["cpu_us_per_token"] = {role: round((after[role] - before.get(role, 0.0)) / tokens * 1e6, 1)
-                                          for role in sorted(after)}
+            result["cpu_us_per_token"] = us_per_token(before, server.cpu_seconds(), result["completed"] * args.output_len)
     return results
 
 
@@ -270,9 +267,8 @@ def cpu_table(results: dict) -> list[str]:
     rows = ["CPU µs per output token, by process (user + system; the benchmark client not counted):", "",
             "| system | total | by role |", "| --- | --- | --- |"]
     for label, roles in runs:
-        busiest = sorted(roles.items(), key=lambda kv: -kv[1])
         rows.append(f"| {label} | {sum(roles.values()):.0f} | "
-                    + ", ".join(f"{role} {us:.0f}" for role, us in busiest if us >= 0.5) + " |")
+                    + ", ".join(f"{role} {us:.0f}" for role, us in roles.items() if us >= 0.5) + " |")
     return rows
 
 

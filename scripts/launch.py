@@ -63,9 +63,8 @@ class Server:
 
     def rss_mib(self) -> float:
         """Resident memory of the process and all its descendants (for Ray: the whole local cluster)."""
-        root = psutil.Process(self.process.pid)
         total = 0
-        for proc in [root, *root.children(recursive=True)]:
+        for proc in self.processes():
             try:
                 total += proc.memory_info().rss
             except psutil.NoSuchProcess:
@@ -83,19 +82,15 @@ class Server:
                 pass
         return pids
 
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds (user + system) used so far by this server and its descendants, summed per role
-        (`process_role`). Processes that ended since the last reading are missing: compare readings of a steady
-        server."""
+    def processes(self) -> list[psutil.Process]:
+        """This server's process and all its descendants (for Ray: the whole local cluster)."""
         root = psutil.Process(self.process.pid)
-        totals: dict[str, float] = {}
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                times, role = proc.cpu_times(), process_role(proc, root)
-            except psutil.Error:
-                continue
-            totals[role] = totals.get(role, 0.0) + times.user + times.system
-        return totals
+        return [root, *root.children(recursive=True)]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by this server's processes, summed per role (`process_role`)."""
+        root = psutil.Process(self.process.pid)
+        return cpu_seconds_by(self.processes(), lambda proc: process_role(proc, root))
 
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -108,6 +103,25 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def cpu_seconds_by(procs, key) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by `procs`, summed by `key(proc)`. Processes that ended are skipped:
+    compare readings of a steady server."""
+    totals: dict[str, float] = {}
+    for proc in procs:
+        try:
+            times, name = proc.cpu_times(), key(proc)
+        except psutil.Error:
+            continue
+        totals[name] = totals.get(name, 0.0) + times.user + times.system
+    return totals
+
+
+def us_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """CPU µs per output token of each key between two `cpu_seconds_by` readings, busiest first."""
+    used = {name: round((after[name] - before.get(name, 0.0)) / tokens * 1e6, 1) for name in after}
+    return dict(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
 def process_role(proc: psutil.Process, root: psutil.Process) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,13 @@ import time
 
 import psutil
 
-from bench import CHAT_MODEL, chat_bench
-from launch import ROOT, process_role, running, serve_run
+from bench import chat_bench
+from launch import ROOT, cpu_seconds_by, process_role, running, serve_run, us_per_token
 
 
-def cpu_by_process(root: psutil.Process) -> dict[int, tuple[str, float]]:
-    found = {}
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            found[proc.pid] = (f"{process_role(proc, root)} | {' '.join(proc.cmdline())[:90]}", times.user + times.system)
-        except psutil.Error:
-            pass
-    return found
+def by_process(root: psutil.Process):
+    """A reading's key for one process: its role and the start of its command line (Ray's processes told apart)."""
+    return lambda proc: f"{process_role(proc, root)} | {' '.join(proc.cmdline())[:90]}"
 
 
 def top_frames(collapsed: str) -> list[tuple[float, str]]:
@@ -61,28 +54,25 @@ def main() -> int:
     with running(serve_run(args.config, workdir)) as server:
         time.sleep(5)
         root = psutil.Process(server.process.pid)
-        before = cpu_by_process(root)
-        spies = []
-        if args.spy and shutil.which("py-spy", path=str(pathlib.Path(sys.executable).parent)):
-            for pid, (label, _) in before.items():
-                if label.split(" | ")[0] in args.spy.split(","):
-                    name = label.split(" | ")[0].replace(" ", "_")
-                    spies.append(subprocess.Popen(
-                        [str(pathlib.Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "200",
-                         "-d", "15", "--nonblocking", "-f", "raw", "-o", str(workdir / f"{name}.txt")],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        key = by_process(root)
+        before = cpu_seconds_by(server.processes(), key)
+        spy = pathlib.Path(sys.executable).parent / "py-spy"
+        spies = [subprocess.Popen([str(spy), "record", "-p", str(proc.pid), "-r", "200", "-d", "15", "--nonblocking",
+                                   "-f", "raw", "-o", str(workdir / f"{role.replace(' ', '_')}.txt")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for proc in server.processes() if spy.exists()
+                 and (role := process_role(proc, root)) in filter(None, args.spy.split(","))]
         started = time.monotonic()
         result = chat_bench(server.url, workdir, "profile", bench_args, args.streams, args.prompts)
         elapsed = time.monotonic() - started
-        after = cpu_by_process(root)
-        for spy in spies:
-            spy.wait(timeout=60)
+        after = cpu_seconds_by(server.processes(), key)
+        for process in spies:
+            process.wait(timeout=60)
     tokens = result["completed"] * bench_args.output_len
-    rows = sorted(((label, (after[pid][1] - before.get(pid, (label, 0.0))[1]) / tokens * 1e6)
-                   for pid, (label, _) in after.items()), key=lambda row: -row[1])
+    rows = us_per_token(before, after, tokens)
     print(json.dumps(result))
     print(f"{elapsed:.1f} s, {tokens} tokens; CPU µs per output token by process:")
-    for label, us in rows:
+    for label, us in rows.items():
         if us >= 0.5:
             print(f"{us:8.1f}  {label}")
     for stacks in sorted(workdir.glob("*.txt")):

@@ -99,8 +99,8 @@ def local_ray_cluster(**head_args):
 
 
 # Integration groups, the longest first (as measured on 2 cores, benchmarks/ci-check.json), but the session's
-# shared app last, so that it does not idle beside the apps of the other groups. Under `pytest -n 2 --dist
-# loadgroup` each group runs in one worker, and a worker that finishes a group takes the next one in this order.
+# shared app last, so that it does not idle beside the apps of the other groups. Under `make test TEST_WORKERS=N`
+# (xdist's loadgroup) each group runs in one worker, and a worker that finishes a group takes the next one in this order.
 GROUP_ORDER = ["two_replicas", "test_rolling_update", "test_cpu_ray_platform", "test_control_plane",
                "test_reliability", "test_startup_failure", "test_spillover", "test_gpu_placement", "cpu_app"]
 
@@ -118,15 +118,17 @@ def integration_group(item) -> str | None:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     # The fast unit tests first, then the integration groups in GROUP_ORDER (a new group before the shared app).
+    groups = {item: integration_group(item) for item in items}
+
     def rank(item) -> float:
-        group = integration_group(item)
+        group = groups[item]
         if group is None:
             return -1
         return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER) - 1.5
 
     items.sort(key=rank)
-    for item in items:
-        if group := integration_group(item):
+    for item, group in groups.items():
+        if group:
             item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -14,7 +14,7 @@ import sys
 import psutil
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from launch import process_role  # noqa: E402
+from launch import cpu_seconds_by, process_role, us_per_token  # noqa: E402
 
 OTHERS = {"api_server": "vllm serve", "bench serve": "benchmark client"}
 
@@ -25,9 +25,8 @@ def role(proc: psutil.Process, root: psutil.Process) -> str:
 
 
 def per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
-    """CPU µs per output token of each role between two readings, busiest first."""
-    used = {name: (after[name] - before.get(name, 0.0)) / tokens * 1e6 for name in after}
-    return {name: round(us, 1) for name, us in sorted(used.items(), key=lambda kv: -kv[1]) if us >= 0.5}
+    """CPU µs per output token of each role between two readings, busiest first (those under 0.5 left out)."""
+    return {name: us for name, us in us_per_token(before, after, tokens).items() if us >= 0.5}
 
 
 def main() -> None:
@@ -36,14 +35,8 @@ def main() -> None:
         print(json.dumps(per_token(before, after, result["total_output_tokens"])))
         return
     root = psutil.Process(1)
-    totals: dict[str, float] = {}
-    for proc in psutil.process_iter():
-        try:
-            times, name = proc.cpu_times(), role(proc, root)
-        except psutil.Error:
-            continue
-        totals[name] = round(totals.get(name, 0.0) + times.user + times.system, 2)
-    print(json.dumps(totals))
+    totals = cpu_seconds_by(psutil.process_iter(), lambda proc: role(proc, root))
+    print(json.dumps({name: round(seconds, 2) for name, seconds in totals.items()}))
 
 
 if __name__ == "__main__":
