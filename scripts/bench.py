@@ -110,7 +110,8 @@ def chat_benches(url: str, workdir: pathlib.Path, label: str, args, server: Serv
         before = server.cpu_seconds() if server else {}
         results[f"c{streams}"] = result = chat_bench(url, workdir, f"{label}-c{streams}", args, streams, prompts)
         if server:
-            result["cpu_us_per_token"] = us_per_token(before, server.cpu_seconds(), result["completed"] * args.output_len)
+            tokens = result["completed"] * args.output_len
+            result["cpu_us_per_token"] = us_per_token(before, server.cpu_seconds(), tokens)
     return results
 
 
