@@ -194,6 +194,28 @@ def test_metrics_merge_every_replica_labelled():
     run(main())
 
 
+def test_metrics_are_merged_off_the_event_loop(monkeypatch):
+    import threading
+
+    from app import status
+
+    threads = []
+
+    def merge(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+
+    real = status.merged_exposition
+    monkeypatch.setattr(status, "merged_exposition", merge)
+
+    async def main():
+        async with router({"r1": FakeEngine("one")}) as client:
+            assert 'replica="r1"' in (await client.get("/metrics")).text
+            assert threads and threading.current_thread() not in threads  # the loop runs here: streams go on
+
+    run(main())
+
+
 def test_a_runtime_lora_load_runs_once_on_every_replica(monkeypatch):
     registry = {}
     monkeypatch.setattr(lora_admin, "register", lambda app, dep, name, path: registry.__setitem__(name, path))
