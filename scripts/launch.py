@@ -89,8 +89,8 @@ class Server:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by this server's processes, summed per role (`process_role`)."""
-        root = psutil.Process(self.process.pid)
-        return cpu_seconds_by(self.processes(), lambda proc: process_role(proc, root))
+        root, *_ = procs = self.processes()
+        return cpu_seconds_by(procs, lambda proc: process_role(proc, root))
 
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 from aiohttp import web
 
-from app import lora_admin, migration
+from app import lora_admin, migration, status
 from app.admission import REFUSED_HEADER
 from app.config import AppConfig
 from app.ingress import Router, new_session
@@ -195,10 +196,6 @@ def test_metrics_merge_every_replica_labelled():
 
 
 def test_metrics_are_merged_off_the_event_loop(monkeypatch):
-    import threading
-
-    from app import status
-
     threads = []
 
     def merge(*args):
