@@ -66,7 +66,7 @@ def test_scales_up_under_streams_with_the_limit_held_across_routers_then_down(ap
     # The load did reach the limit: a replica refused requests as full. (Not from the gauge: on a loaded machine the
     # engine answers /metrics mostly while it is idle, so the reads missed every peak in one run.)
     assert full_refusals(app.url) > 0
-    deadline = time.monotonic() + 240  # idle: downscale_delay_s 20, then a graceful stop
+    deadline = time.monotonic() + 240  # idle: downscale_delay_s 8, then a graceful stop
     while len(running_by_replica(app.url)) > 1 and time.monotonic() < deadline:
         time.sleep(2)
     assert len(running_by_replica(app.url)) == 1

