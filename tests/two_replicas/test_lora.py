@@ -18,13 +18,13 @@ import pytest
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, import_script, running
+from conftest import import_script, running
+from two_replicas.conftest import ADAPTER, ADAPTER_PATH, BASE, BASE_PATH
 
-# The app with two replicas, then vllm serve, start within the module: slow on a busy 2-core machine.
+# The app with two replicas and vllm serve start within the module: slow on a busy 2-core machine.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
-BASE, ADAPTER, RUNTIME = "tiny-chat", "tiny-lora", "tiny-lora-2"
-BASE_PATH, ADAPTER_PATH = ROOT / "models" / "tiny-chat", ROOT / "models" / "tiny-chat-lora"
+RUNTIME = "tiny-lora-2"
 PROMPTS = ["The weather today", "def main():"]
 REPLICA_HEADER = "x-served-by-replica"
 SHARED = "You are a careful assistant who answers in one short sentence. " * 16  # ~1,000 characters
@@ -41,12 +41,9 @@ def openai_client(url: str) -> OpenAI:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[tuple[str, str], tuple]:
-    """Greedy answers of `vllm serve` with the config's adapter (the package's app idles meanwhile)."""
-    bench = import_script("bench")
-    server = bench.vllm_serve(str(BASE_PATH), BASE, tmp_path_factory.mktemp("vllm-lora"), "--max-model-len", "2048",
-                              "--enable-lora", "--max-loras", "2", "--lora-modules", f"{ADAPTER}={ADAPTER_PATH}")
-    with running(server):
+def reference(vllm_serve_with_adapter) -> dict[tuple[str, str], tuple]:
+    """Greedy answers of `vllm serve` with the config's adapter (started beside the package's app)."""
+    with running(vllm_serve_with_adapter) as server:
         client = openai_client(server.url)
         return {(model, p): greedy(client, model, p) for model in (BASE, ADAPTER) for p in PROMPTS}
 
