@@ -38,8 +38,8 @@ def dashboard(app) -> str:
 
 
 def deploy(app, change=None, num_replicas: int | None = None) -> None:
-    """`serve deploy`'s request for the running config (its port included) with `change` applied to the model's entry and/or with
-    the model's replica count set through Serve's own `deployments:` override (which restarts no replica)."""
+    """`serve deploy`'s request for the running config (its port included), with `change` applied to the model's entry
+    and/or the model's replica count set through Serve's own `deployments:` override (which restarts no replica)."""
     config = yaml.safe_load(Path(app.process.args[-1]).read_text())  # the config `serve run` got
     model = config["applications"][0]["args"]["models"][0]
     if change:
