@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,27 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+# Ports handed to servers that bind them seconds later. Picked outside the kernel's ephemeral range (Linux: from 32768)
+# and Ray's worker ports (10002-19999): a port the OS picked (bind to 0) could be taken in between by any process's
+# outgoing connection or Ray worker, as happened to Serve's proxy while a `vllm serve` started beside it.
+PORT_RANGE = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local port, not handed out before by this process."""
+    pick = random.SystemRandom()
+    while True:
+        port = pick.choice(PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def serve_config_on_port(config: pathlib.Path, port: int, workdir: pathlib.Path) -> pathlib.Path:

@@ -1,9 +1,11 @@
-"""The process bookkeeping of `scripts/launch.py`: run ids of parallel test workers, process roles for the
-benchmark's CPU profile."""
+"""The process bookkeeping of `scripts/launch.py`: free ports for servers, run ids of parallel test workers, process
+roles for the benchmark's CPU profile."""
 
 from __future__ import annotations
 
-from launch import of_run, process_role
+import socket
+
+from launch import PORT_RANGE, free_port, of_run, process_role
 
 
 class FakeProcess:
@@ -19,6 +21,17 @@ class FakeProcess:
             chain.append(proc)
             proc = proc.parent
         return chain
+
+
+def test_free_ports_are_outside_the_ephemeral_range_free_and_never_handed_out_twice():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # the OS picks from its ephemeral range, which free_port avoids
+        assert taken.getsockname()[1] not in PORT_RANGE
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports) and all(port in PORT_RANGE for port in ports)
+    for port in ports[:20]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_a_workers_processes_belong_to_the_run_and_no_other_runs_do():
