@@ -23,10 +23,12 @@ from app.engine import EngineServer
 from app.ingress import ingress_class
 from app.model_shape import read_model_shape
 from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
+from app.worker_fork import ACTIVATE_ENV as WORKER_FORK_ENV_NAME
 
 logger = logging.getLogger("ray.serve")
 
-PROCESS_GUARD_ENV = {PROCESS_GUARD_ENV_NAME: "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+ENGINE_REPLICA_ENV = {PROCESS_GUARD_ENV_NAME: "1", WORKER_FORK_ENV_NAME: "1",
+                      "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 LORA_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 REPLICA_ROUTER = "app.replica_router:EngineReplicaRouter"
 
@@ -127,7 +129,7 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
     if facts.vllm_build == ("cuda" if gpu else "cpu"):  # else the replica's image checks them itself
         check_engine_args(spec.name, overrides)
     server = EngineServer if gpu else CPUEngineServer
-    options["ray_actor_options"]["runtime_env"]["env_vars"].update(PROCESS_GUARD_ENV)
+    options["ray_actor_options"]["runtime_env"]["env_vars"].update(ENGINE_REPLICA_ENV)
     if spec.lora_enabled:  # and vLLM's load/unload routes, which the router calls on every replica
         overrides["enable_lora"] = True
         options["ray_actor_options"]["runtime_env"]["env_vars"][LORA_UPDATES_ENV] = "True"

@@ -43,8 +43,10 @@ class _ExceptionLines(logging.Handler):
 def install() -> None:
     """The `vllm.general_plugins` entry point: in an engine process of a replica, record errors for it."""
     path = os.environ.get(ERRORS_ENV)
-    if path:
-        logging.getLogger("vllm").addHandler(_ExceptionLines(path))
+    log = logging.getLogger("vllm")
+    # A forked worker (app/worker_fork.py) inherits its engine core's handler.
+    if path and not any(isinstance(h, _ExceptionLines) and h.path == path for h in log.handlers):
+        log.addHandler(_ExceptionLines(path))
 
 
 FILE_PREFIX = "llm-app-engine-errors-"

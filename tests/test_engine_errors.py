@@ -39,6 +39,18 @@ def test_without_a_file_named_nothing_is_recorded(monkeypatch):
     assert logging.getLogger("vllm").handlers == before
 
 
+def test_a_forked_worker_records_errors_once(monkeypatch, tmp_path):
+    monkeypatch.setenv(engine_errors.ERRORS_ENV, str(tmp_path / "errors.log"))
+    log = logging.getLogger("vllm")
+    before = list(log.handlers)
+    try:
+        engine_errors.install()  # the engine core (app/worker_fork.py)
+        engine_errors.install()  # its forked worker, which inherited the handler
+        assert len(log.handlers) == len(before) + 1
+    finally:
+        log.handlers = before
+
+
 def test_no_file_means_no_cause(tmp_path):
     assert engine_errors.root_cause(tmp_path / "missing.log") is None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import time
 
 import httpx
 import openai
@@ -96,10 +99,37 @@ def test_still_healthy_after_garbage(client, base_url):
 
 
 # About 50 s of engine work on 2 cores: only an abort ends it within ABORT_WITHIN_S. Each test drops its
-# connection only once the engine gauge shows the request running; under this load the test client itself
-# can be starved of CPU for seconds, so no step relies on a short client-side timeout.
+# connection only once the engine has generated tokens for it; under this load the test client itself can be
+# starved of CPU for seconds, so no step relies on a short client-side timeout or on catching a gauge's value.
 LONG = {"model": CHAT, "prompt": ["go", "went", "ran", "flew"], "max_tokens": 2000, "ignore_eos": True, "n": 16}
+LONG_TOKENS = 4 * 16 * 2000
 ABORT_WITHIN_S = 20
+
+
+def generated_tokens(base_url: str) -> float:
+    """The chat engine's own `vllm:generation_tokens_total` (NaN when the router's scrape of a busy engine timed
+    out): a counter, so no moment of a request's life can be missed between two reads."""
+    text = httpx.get(f"{base_url}/metrics", timeout=60).text
+    values = [float(v) for labels, v in re.findall(r"^vllm:generation_tokens_total{([^}]*)} (\S+)$", text, re.M)
+              if f'model_name="{CHAT}"' in labels]
+    return sum(values) if values else float("nan")
+
+
+def wait_generated(base_url: str, more_than: float, timeout_s: float = 120) -> float:
+    deadline = time.monotonic() + timeout_s
+    while not (value := generated_tokens(base_url)) > more_than and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+def assert_engine_stopped_the_request(base_url: str, before: float) -> None:
+    """Once dropped, the request leaves the engine within ABORT_WITHIN_S, and no token is generated after that:
+    far fewer than the request asked for."""
+    assert wait_running(base_url, CHAT, lambda v: v == 0, ABORT_WITHIN_S) == 0
+    settled = generated_tokens(base_url)
+    time.sleep(2)
+    assert generated_tokens(base_url) == settled
+    assert 0 < settled - before < LONG_TOKENS / 2
 
 
 def test_dropped_stream_aborts_engine_request(base_url):
@@ -107,21 +137,23 @@ def test_dropped_stream_aborts_engine_request(base_url):
     # size compiles for many seconds, during which no token flows and so nothing can notice the dropped client.
     warm = httpx.post(f"{base_url}/v1/completions", json={**LONG, "max_tokens": 4}, timeout=300)
     assert warm.status_code == 200, warm.text
+    before = wait_generated(base_url, float("-inf"))
     with httpx.stream("POST", f"{base_url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-        assert wait_running(base_url, CHAT, lambda v: v >= 1) >= 1
+        first = json.loads(next(r.iter_lines()).removeprefix("data: "))
+        assert first["choices"][0]["text"] is not None, first  # a token: the engine runs the request
     # Closing the response drops the connection mid-stream.
-    assert wait_running(base_url, CHAT, lambda v: v == 0, ABORT_WITHIN_S) == 0
+    assert_engine_stopped_the_request(base_url, before)
 
 
 def test_dropped_non_streaming_request_aborts_engine_request(base_url):
-    async def drop_once_running() -> float:
+    before = wait_generated(base_url, float("-inf"))
+
+    async def drop_once_generating() -> float:
         async with httpx.AsyncClient(timeout=120) as client:
             doomed = asyncio.create_task(client.post(f"{base_url}/v1/completions", json=LONG))
-            running = await asyncio.to_thread(wait_running, base_url, CHAT, lambda v: v >= 1)
+            generated = await asyncio.to_thread(wait_generated, base_url, before)
             doomed.cancel()  # the client gives up: its connection closes with the client
-            return running
+            return generated
 
-    assert asyncio.run(drop_once_running()) >= 1
-    assert wait_running(base_url, CHAT, lambda v: v == 0, ABORT_WITHIN_S) == 0
+    assert asyncio.run(drop_once_generating()) > before
+    assert_engine_stopped_the_request(base_url, before)
