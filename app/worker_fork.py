@@ -15,11 +15,25 @@ import os
 import sys
 
 ACTIVATE_ENV = "LLM_APP_FORK_WORKERS"
+_hooked = False
 
 
 def install() -> None:
+    global _hooked
     if os.environ.get(ACTIVATE_ENV) != "1" or multiprocessing.parent_process() is None:
         return  # the replica itself (a Ray actor) keeps spawn
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return  # a process that joined Ray
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+    if not _hooked:
+        os.register_at_fork(after_in_child=load_plugins_again)
+        _hooked = True
+
+
+def load_plugins_again() -> None:
+    """In a forked worker vLLM must load its general plugins once more, as in a spawned one: the worker reconfigures
+    vLLM's logging (dropping the handler `app.engine_errors` added) and a parent-death signal (`app.process_guard`)
+    does not survive fork. vLLM loads them at the worker's start unless its flag says they are loaded."""
+    plugins = sys.modules.get("vllm.plugins")
+    if plugins is not None:
+        plugins.plugins_loaded = False

@@ -21,10 +21,11 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-# Ports handed to servers that bind them seconds later. Picked outside the kernel's ephemeral range (Linux: from 32768)
-# and Ray's worker ports (10002-19999): a port the OS picked (bind to 0) could be taken in between by any process's
-# outgoing connection or Ray worker, as happened to Serve's proxy while a `vllm serve` started beside it.
-PORT_RANGE = range(20000, 32768)
+# Ports handed to servers that bind them seconds later. Picked outside the kernel's ephemeral range (Linux: from 32768),
+# Ray's worker ports (10002-19999) and Serve's direct-ingress ports (30000-31000): a port the OS picked (bind to 0)
+# could be taken in between by any process's outgoing connection, as happened to Serve's proxy while a `vllm serve`
+# started beside it.
+PORT_RANGE = range(20000, 30000)
 _handed_out: set[int] = set()
 
 
