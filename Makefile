@@ -2,6 +2,10 @@
 # `make test`:  set up, then run the whole test suite (unit + real app with vLLM's CPU engine)
 .PHONY: setup serve test test-unit bench
 
+# Python writes byte-code for what the app and tests import, once (setup compiles only the main imports: see
+# scripts/setup.sh), also where the environment says PYTHONDONTWRITEBYTECODE=1.
+export PYTHONDONTWRITEBYTECODE =
+
 setup:
 	scripts/setup.sh
 
@@ -15,10 +19,9 @@ SERVE_ENV = RAY_worker_niceness=0 RAY_SERVE_CONTROL_LOOP_INTERVAL_S=1 RAY_SERVE_
 serve: setup
 	$(SERVE_ENV) .venv/bin/serve run --address local serve_configs/cpu.yaml
 
-# TEST_WORKERS=N runs N pytest-xdist workers; each integration group (one app and its tests) runs whole in one
-# worker, the longest groups first (tests/conftest.py). One process by default: with two, a gauge-reading test
-# (test_dropped_stream_aborts_engine_request) missed its request once in four fresh-clone runs (README, Development).
-TEST_WORKERS ?= 0
+# TEST_WORKERS=N runs N pytest-xdist workers (0: one process); each integration group (one app and its tests) runs
+# whole in one worker, the longest groups first (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 test: setup
 	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -v -rs --durations=25

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from typing import Any
 
@@ -25,8 +24,6 @@ from app.config import ModelSpec
 
 logger = logging.getLogger("ray.serve")
 
-# vLLM starts its engine core in a subprocess; fork would copy the Ray worker's threads.
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 ROUTERS_NOTICE_S = 1.0  # a stopping replica is out of the routers' tables by then (Serve's controller pushes it)
 
 
