@@ -54,6 +54,11 @@ def serve_config_on_port(config: pathlib.Path, port: int, workdir: pathlib.Path)
     return copy
 
 
+# Ray gives a new node's raylet a fixed 30 s to register; on a loaded 2-core machine (the tests' two workers) it
+# once took longer, and `serve run` exited with this.
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+
+
 class Server:
     """A process in its own session; stopped with SIGTERM so it cleans up like a user's would (SIGINT would be
     ignored where the test run itself was started in the background)."""
@@ -61,16 +66,31 @@ class Server:
     def __init__(self, cmd: list[str], url: str, log_path: pathlib.Path, ready_path: str = "/health",
                  env: dict[str, str] | None = None):
         self.url, self.ready_path, self.log_path = url, ready_path, log_path
-        self.process = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})},
-        )
+        self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
+        self.restarted = False
+        self.process = self._start(cmd, "wb")
+
+    def _start(self, cmd: list[str], mode: str) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=self.log_path.open(mode), stderr=subprocess.STDOUT,
+                                start_new_session=True, env=self.env)
+
+    def alive(self) -> bool:
+        """Whether the process runs. One whose Ray timed out starting is started again, once (its log goes on)."""
+        if self.process.poll() is None:
+            return True
+        if self.restarted or RAY_START_TIMED_OUT not in self.log_path.read_text(errors="replace"):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of that Ray had started
+        self.restarted = True
+        self.process = self._start(self.process.args, "ab")
+        return True
 
     def wait_ready(self, timeout_s: float = 900) -> float:
         """Seconds until the ready path answered 200."""
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
-            if self.process.poll() is not None:
+            if not self.alive():
                 raise RuntimeError(f"{self.process.args[:3]} exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}{self.ready_path}", timeout=20).status_code == 200:

@@ -4,8 +4,9 @@ roles for the benchmark's CPU profile."""
 from __future__ import annotations
 
 import socket
+import sys
 
-from launch import PORT_RANGE, free_port, of_run, process_role
+from launch import PORT_RANGE, RAY_START_TIMED_OUT, Server, free_port, of_run, process_role
 
 
 class FakeProcess:
@@ -32,6 +33,40 @@ def test_free_ports_are_outside_the_ephemeral_range_free_and_never_handed_out_tw
     for port in ports[:20]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+# Fails the first time (as `serve run` does when Ray's raylet registers too late), then runs until stopped.
+FLAKY_START = f"""
+import pathlib, sys, time
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():
+    marker.touch()
+    sys.exit("Exception: {RAY_START_TIMED_OUT}. This could happen because ...")
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_server_whose_ray_timed_out_starting_is_started_once_more(tmp_path):
+    server = Server([sys.executable, "-c", FLAKY_START, str(tmp_path / "marker")], "http://127.0.0.1:1",
+                    tmp_path / "server.log")
+    first = server.process
+    first.wait(timeout=60)
+    try:
+        assert server.alive() and server.process is not first and server.process.poll() is None
+        second = server.process
+        assert server.alive() and server.process is second  # running: left alone
+    finally:
+        server.stop()
+    assert not server.alive()  # once only
+    assert RAY_START_TIMED_OUT in server.log_tail()  # the first run's log is kept
+
+
+def test_a_server_that_failed_otherwise_is_not_started_again(tmp_path):
+    server = Server([sys.executable, "-c", "raise SystemExit('no such model')"], "http://127.0.0.1:1",
+                    tmp_path / "server.log")
+    server.process.wait(timeout=60)
+    assert not server.alive() and not server.restarted
 
 
 def test_a_workers_processes_belong_to_the_run_and_no_other_runs_do():

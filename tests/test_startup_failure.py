@@ -47,7 +47,7 @@ def test_an_engine_that_cannot_start_fails_clearly_and_stops_retrying(tmp_path):
     log = lambda: app.log_path.read_text(errors="replace")  # noqa: E731
 
     def gave_up() -> httpx.Response | None:
-        assert app.process.poll() is None, app.log_tail()
+        assert app.alive(), app.log_tail()
         try:
             health = httpx.get(f"{app.url}/health", timeout=10)
         except httpx.HTTPError:
