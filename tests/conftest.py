@@ -102,8 +102,8 @@ def local_ray_cluster(**head_args):
 # session's shared app last, so that it does not idle beside the apps of the other groups. Under `make test
 # TEST_WORKERS=N` (xdist's loadgroup) each group runs in one worker, and a worker that finishes a group takes the next
 # one in this order.
-GROUP_ORDER = ["two_replicas", "test_cpu_ray_platform", "test_rolling_update", "test_control_plane",
-               "test_startup_failure", "test_reliability", "test_spillover", "test_gpu_placement", "cpu_app"]
+GROUP_ORDER = ["test_cpu_ray_platform", "two_replicas", "test_rolling_update", "test_control_plane",
+               "test_reliability", "test_spillover", "test_startup_failure", "test_gpu_placement", "cpu_app"]
 
 
 def integration_group(item) -> str | None:
