@@ -4,8 +4,8 @@ In a Ray actor vLLM must spawn its engine core (a fork would copy Ray's threads)
 `VLLM_WORKER_MULTIPROC_METHOD`, which the engine core inherits: its `mp` workers (on CPU every engine has one)
 are then spawned too, each one more process importing vLLM from scratch (about 10 s of a core, measured). The
 engine core has no Ray in it, so vLLM's default, fork, is as safe there as under `vllm serve`, and vLLM still
-switches to spawn where it must (CUDA initialised, WSL). A `vllm.general_plugins` entry point; active where the
-replica's environment sets `LLM_APP_FORK_WORKERS=1`.
+switches to spawn where it must (a Ray actor, CUDA initialised, WSL). A `vllm.general_plugins` entry point; active
+where the replica's environment sets `LLM_APP_FORK_WORKERS=1`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ def install() -> None:
     global _hooked
     if os.environ.get(ACTIVATE_ENV) != "1" or multiprocessing.parent_process() is None:
         return  # the replica itself (a Ray actor) keeps spawn
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return  # a process that joined Ray
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
     if not _hooked:
         os.register_at_fork(after_in_child=load_plugins_again)

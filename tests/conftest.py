@@ -133,16 +133,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
-def running_by_replica(base_url: str, model: str | None = None, headers: dict | None = None) -> dict[str, float]:
-    """replica id -> the engine's own `vllm:num_requests_running` gauge (of `model`, or every model), as the router
-    that answers lists its replicas in /metrics (a busy engine whose scrape timed out is missing)."""
+def engine_metric_by_replica(base_url: str, name: str, model: str | None = None,
+                             headers: dict | None = None) -> dict[str, float]:
+    """replica id -> the engine's own series `name` (of `model`, or every model), as the router that answers lists
+    its replicas in /metrics (a busy engine whose scrape timed out is missing)."""
     text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=60).text
     found = {}
-    for labels, value in re.findall(r"^vllm:num_requests_running{([^}]*)} (\S+)$", text, re.M):
+    for labels, value in re.findall(rf"^{re.escape(name)}{{([^}}]*)}} (\S+)$", text, re.M):
         if model is None or f'model_name="{model}"' in labels:
             replica = re.search(r'replica="([^"]+)"', labels)
             found[replica.group(1) if replica else labels] = float(value)
     return found
+
+
+def running_by_replica(base_url: str, model: str | None = None, headers: dict | None = None) -> dict[str, float]:
+    """replica id -> the engine's own `vllm:num_requests_running` gauge."""
+    return engine_metric_by_replica(base_url, "vllm:num_requests_running", model, headers)
 
 
 def running_requests(base_url: str, model: str, headers: dict | None = None) -> float:
@@ -151,15 +157,20 @@ def running_requests(base_url: str, model: str, headers: dict | None = None) -> 
     return next(iter(running_by_replica(base_url, model, headers).values()), float("nan"))
 
 
-def wait_running(base_url: str, model: str, predicate, timeout_s: float = 60.0, headers: dict | None = None) -> float:
-    """Poll the running-requests gauge until `predicate` holds or the time is up; returns the last value read.
+def wait_until(read, predicate, timeout_s: float, what: str) -> float:
+    """Calls `read()` until `predicate` holds for its value or the time is up; returns the last value read.
     On a busy 2-core machine one read can take many seconds: tests wait on work that outlasts that."""
     deadline = time.monotonic() + timeout_s
     while True:
         started = time.monotonic()
-        value = running_requests(base_url, model, headers)
+        value = read()
         # Every read, for the log of a failing test: when, how long, what.
-        print(f"{time.strftime('%H:%M:%S')} /metrics {model} running={value} in {time.monotonic() - started:.2f} s")
+        print(f"{time.strftime('%H:%M:%S')} /metrics {what}={value} in {time.monotonic() - started:.2f} s")
         if predicate(value) or time.monotonic() >= deadline:
             return value
         time.sleep(0.2)
+
+
+def wait_running(base_url: str, model: str, predicate, timeout_s: float = 60.0, headers: dict | None = None) -> float:
+    """Poll the running-requests gauge until `predicate` holds or the time is up; returns the last value read."""
+    return wait_until(lambda: running_requests(base_url, model, headers), predicate, timeout_s, f"{model} running")

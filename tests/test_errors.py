@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import wait_running
+from conftest import engine_metric_by_replica, wait_running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -109,17 +108,13 @@ ABORT_WITHIN_S = 20
 def generated_tokens(base_url: str) -> float:
     """The chat engine's own `vllm:generation_tokens_total` (NaN when the router's scrape of a busy engine timed
     out): a counter, so no moment of a request's life can be missed between two reads."""
-    text = httpx.get(f"{base_url}/metrics", timeout=60).text
-    values = [float(v) for labels, v in re.findall(r"^vllm:generation_tokens_total{([^}]*)} (\S+)$", text, re.M)
-              if f'model_name="{CHAT}"' in labels]
+    values = engine_metric_by_replica(base_url, "vllm:generation_tokens_total", CHAT).values()
     return sum(values) if values else float("nan")
 
 
-def wait_generated(base_url: str, more_than: float, timeout_s: float = 120) -> float:
-    deadline = time.monotonic() + timeout_s
-    while not (value := generated_tokens(base_url)) > more_than and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return value
+def wait_generated(base_url: str, more_than: float) -> float:
+    """The counter once it is above `more_than` (-inf: once the engine's scrape answers)."""
+    return wait_until(lambda: generated_tokens(base_url), lambda v: v > more_than, 120, f"{CHAT} generated")
 
 
 def assert_engine_stopped_the_request(base_url: str, before: float) -> None:
