@@ -91,6 +91,7 @@ def two_node_cluster(monkeypatch):
     # The head alone has `head_node`: the test pins the router there, so that losing the other node is an engine's loss.
     cluster = local_ray_cluster(**{**node_args, "resources": {"cpu_device": 1, "head_node": 1}}, temp_dir=temp_dir)
     try:
+        cluster.temp_dir = temp_dir
         cluster.add_device_node = lambda: cluster.add_node(**node_args, temp_dir=temp_dir,
                                                            env_vars={"VLLM_HOST_IP": "127.0.0.2"})
         cluster.add_device_node()
@@ -130,8 +131,25 @@ def named_unhealthy(health, model: str) -> bool:
     return health.status_code == 503 and model in health.json().get("models", {})
 
 
+def serve_state(temp_dir: str, deployment: str) -> str:
+    """What a failed wait needs to say why: the cluster's nodes and placement groups, Serve's view of the app's
+    deployments, and the tail of the deployment's newest replica log."""
+    import ray
+    from ray import serve
+
+    nodes = [(n["NodeManagerAddress"], n["Alive"]) for n in ray.nodes()]
+    groups = [(g["state"], sorted(set(g["bundles_to_node_id"].values()))) for g in
+              ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    deployments = {name: (d.status, d.message, d.replica_states)
+                   for name, d in serve.status().applications["llm"].deployments.items()}
+    logs = sorted(pathlib.Path(temp_dir).glob(f"session_*/logs/serve/replica_llm_*{deployment}*.log"),
+                  key=lambda f: f.stat().st_mtime)
+    tail = "\n".join(logs[-1].read_text(errors="replace").splitlines()[-25:]) if logs else "(no replica log)"
+    return f"nodes {nodes}\nplacement groups {groups}\ndeployments {deployments}\n{logs[-1] if logs else ''}:\n{tail}"
+
+
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)  # above the sum of its waits' own bounds, which fail first and say why
 def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_cluster):
     """The real app (ingress + engine deployments, built from a config) on two Ray nodes of one device each:
     a model asking for TP=2 is laid out as TP=1 x PP=2 (tensor parallel stays inside a node), its vLLM
@@ -214,17 +232,19 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
     assert len(received) < 240
     deadline = time.monotonic() + 120
     while not named_unhealthy(health := get_through_reloads(f"{base_url}/health"), "tiny-split"):
-        assert time.monotonic() < deadline, health.text
+        assert time.monotonic() < deadline, f"{health.text}\n{serve_state(two_node_cluster.temp_dir, 'tiny-split')}"
         time.sleep(1)
     assert set(health.json()["models"]) == {"tiny-split"}, health.text  # the model on the head node still serves
     two_node_cluster.add_device_node()
     back = time.monotonic()
     deadline = back + 400
     while True:
-        try:
-            assert greedy(client, "tiny-split", prompt) == (split_tokens, split_logprobs)
+        try:  # each try bounded by what is left of the wait
+            bounded = client.with_options(timeout=max(deadline - time.monotonic(), 1))
+            assert greedy(bounded, "tiny-split", prompt) == (split_tokens, split_logprobs)
             break
-        except openai.APIError:
-            assert time.monotonic() < deadline, "no replacement replica served within 400 s of the node's return"
+        except openai.APIError as e:
+            assert time.monotonic() < deadline, (f"no replacement replica served within 400 s of the node's return "
+                                                 f"({e!r})\n{serve_state(two_node_cluster.temp_dir, 'tiny-split')}")
             time.sleep(5)
     print(f"serving again {time.monotonic() - back:.0f}s after a node came back")
