@@ -66,6 +66,9 @@ def test_entry_point_is_declared():
 # fp32: exact comparison. Not enforce_eager (nor VLLM_CPU_CI_ENV's eager backend): pipeline stages need the compile
 # warm-up (see the plugin).
 ENGINE = {"max_model_len": 256, "max_num_seqs": 4, "dtype": "float32"}
+# Measured 40-98 s (alone, and beside the two-replica package under `make test`); the rest is headroom for a loaded
+# CI machine, where the app's own start once took 265 s.
+REPLACEMENT_WAIT_S = 600
 
 
 @pytest.fixture
@@ -149,7 +152,7 @@ def serve_state(temp_dir: str, deployment: str) -> str:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(1200)  # above the sum of its waits' own bounds, which fail first and say why
+@pytest.mark.timeout(1500)  # above the sum of its waits' own bounds, which fail first and say why
 def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_cluster, record_property):
     """The real app (ingress + engine deployments, built from a config) on two Ray nodes of one device each:
     a model asking for TP=2 is laid out as TP=1 x PP=2 (tensor parallel stays inside a node), its vLLM
@@ -237,14 +240,15 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
     record_property("health_names_it_after_node_loss_s", round(time.monotonic() - lost))
     two_node_cluster.add_device_node()
     back = time.monotonic()
-    deadline = back + 400
+    deadline = back + REPLACEMENT_WAIT_S
     while True:
         try:  # each try bounded by what is left of the wait
             bounded = client.with_options(timeout=max(deadline - time.monotonic(), 1))
             assert greedy(bounded, "tiny-split", prompt) == (split_tokens, split_logprobs)
             break
         except openai.APIError as e:
-            assert time.monotonic() < deadline, (f"no replacement replica served within 400 s of the node's return "
-                                                 f"({e!r})\n{serve_state(two_node_cluster.temp_dir, 'tiny-split')}")
+            assert time.monotonic() < deadline, (f"no replacement replica served within {REPLACEMENT_WAIT_S} s of the "
+                                                 f"node's return ({e!r})\n"
+                                                 f"{serve_state(two_node_cluster.temp_dir, 'tiny-split')}")
             time.sleep(5)
     record_property("serving_again_after_node_back_s", round(time.monotonic() - back))
