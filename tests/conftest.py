@@ -157,6 +157,16 @@ def running_requests(base_url: str, model: str, headers: dict | None = None) -> 
     return next(iter(running_by_replica(base_url, model, headers).values()), float("nan"))
 
 
+def wait_for(condition, timeout_s: float, what: str, every_s: float = 1.0):
+    """Calls `condition()` until it returns something truthy, which it returns; fails naming `what` after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(every_s)
+    return value
+
+
 def wait_until(read, predicate, timeout_s: float, what: str) -> float:
     """Calls `read()` until `predicate` holds for its value or the time is up; returns the last value read.
     On a busy 2-core machine one read can take many seconds: tests wait on work that outlasts that."""

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-from conftest import ROOT, running, running_by_replica, serve_run
+from conftest import ROOT, running, running_by_replica, serve_run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -83,13 +82,6 @@ def replicas(app) -> set[int]:
     return app.descendant_pids("ServeReplica:llm:tiny-chat")
 
 
-def wait_for(predicate, timeout_s: float = 420) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(2)
-
-
 def assert_all_clean(results: list) -> None:
     bad = [r for r in results if r[0] != 200 or r[1] != "data: [DONE]" or r[2]]
     # Each client streams back to back from before the change until after it: at least one stream each, none bad.
@@ -107,11 +99,11 @@ def test_scale_down_drains_under_streams(rolling):
     # Scaling through Serve's `deployments:` override is a light update: a running replica stays.
     before = replicas(rolling)
     assert len(before) == 2, before
-    wait_for(lambda: len(running_by_replica(rolling.url)) == 2)  # both replicas are in the router's table
+    wait_for(lambda: len(running_by_replica(rolling.url)) == 2, 420, "both replicas in the router's table", 2)
 
     def scale_down():
         deploy(rolling, num_replicas=1)
-        wait_for(lambda: len(replicas(rolling)) == 1)
+        wait_for(lambda: len(replicas(rolling)) == 1, 420, "one replica left", 2)
 
     assert_all_clean(under_load(rolling, scale_down))
     assert replicas(rolling) < before
@@ -123,7 +115,8 @@ def test_rolling_update_under_streams(rolling):
 
     def update():
         deploy(rolling, change, num_replicas=1)  # a new engine for the replica
-        wait_for(lambda: max_model_len(rolling) == 1024 and not (replicas(rolling) & old))
+        wait_for(lambda: max_model_len(rolling) == 1024 and not (replicas(rolling) & old), 420,
+                 "only replicas of the new config", 2)
 
     assert_all_clean(under_load(rolling, update))
     assert httpx.post(f"{rolling.url}/v1/completions", timeout=60,

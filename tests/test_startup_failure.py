@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 
 import httpx
 import pytest
 import yaml
 
-from conftest import ROOT, serve_run
+from conftest import ROOT, serve_run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +22,6 @@ GAVE_UP = f"failed to start {ATTEMPTS} times"  # Ray Serve's words once it stops
 def engine_starts(log: str) -> int:
     """vLLM engine starts that failed on the missing weights (each worker logs the error once)."""
     return len(set(re.findall(r"\(Worker pid=(\d+)\) ERROR .*Cannot find any model weights", log)))
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(1)
-    return value
 
 
 @pytest.mark.timeout(600)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 
 import httpx
 import pytest
 from openai import AsyncOpenAI, NotFoundError, OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import import_script, running
+from conftest import engine_metric_by_replica, import_script, running, wait_for
 from two_replicas.conftest import ADAPTER, ADAPTER_PATH, BASE, BASE_PATH
 
 # The app with two replicas and vllm serve start within the module: slow on a busy 2-core machine.
@@ -81,16 +79,6 @@ def served_by(app, model: str, requests: int = 8) -> list[tuple[int, str | None,
     return asyncio.run(run())
 
 
-def wait_for(condition, timeout_s: float = 900, what: str = "condition"):
-    """Polls `condition()` until it returns something truthy; returns it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def both_replicas_answer(app, model: str) -> set[str] | None:
     """The replicas that answered `model`, once two different ones did and none refused it."""
     answers = served_by(app, model)
@@ -109,9 +97,7 @@ def unload(app, body: dict) -> httpx.Response:
 
 def prefix_cache_hits(url: str) -> dict[str, float]:
     """replica id -> vLLM's prefix-cache hit counter (tokens), for every replica in the app's /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    return {s.labels["replica"]: s.value for family in text_string_to_metric_families(text)
-            if family.name == "vllm:prefix_cache_hits" for s in family.samples if s.name.endswith("_total")}
+    return engine_metric_by_replica(url, "vllm:prefix_cache_hits_total")
 
 
 def replica_for(url: str, system: str, question: str) -> str:
@@ -163,7 +149,7 @@ def test_adapter_output_differs_from_the_base_and_equals_vllm_serve(client, refe
 
 
 def test_a_runtime_adapter_reaches_every_replica_also_a_new_one(app, client, second_adapter):
-    wait_for(lambda: both_replicas_answer(app, BASE), what="both replicas of the base model")
+    wait_for(lambda: both_replicas_answer(app, BASE), 900, "both replicas of the base model")
     r = load(app, {"lora_name": RUNTIME, "lora_path": second_adapter})
     assert r.status_code == 200, r.text
     cards = {m.id: m for m in client.models.list().data}
@@ -171,12 +157,12 @@ def test_a_runtime_adapter_reaches_every_replica_also_a_new_one(app, client, sec
 
     text = greedy(client, RUNTIME, PROMPTS[0])[0]
     assert text not in (greedy(client, BASE, PROMPTS[0])[0], greedy(client, ADAPTER, PROMPTS[0])[0])
-    before = wait_for(lambda: both_replicas_answer(app, RUNTIME), what="the adapter on both replicas")
+    before = wait_for(lambda: both_replicas_answer(app, RUNTIME), 900, "the adapter on both replicas")
 
     victim = sorted(app.descendant_pids(f"ServeReplica:llm:{BASE}"))[0]
     os.kill(victim, signal.SIGKILL)  # Serve replaces it; the new replica loads the adapter before it is routable
-    after = wait_for(lambda: (r := both_replicas_answer(app, RUNTIME)) and r - before,
-                     what="a replacement replica answering with the run-time adapter")
+    after = wait_for(lambda: (r := both_replicas_answer(app, RUNTIME)) and r - before, 900,
+                     "a replacement replica answering with the run-time adapter")
     assert after
 
 
