@@ -4,7 +4,11 @@ roles for the benchmark's CPU profile."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
+import time
+
+import psutil
 
 from launch import PORT_RANGE, RAY_START_TIMED_OUT, Server, free_port, of_run, process_role
 
@@ -107,3 +111,29 @@ def test_device_cpu_per_token_is_the_difference_over_the_output_tokens():
     after = {"ingress": 12.0, "tiny-chat Worker": 110.0, "benchmark client": 0.0001}
     assert cpu_roles.per_token(before, after, 100_000) == {"tiny-chat Worker": 100.0, "ingress": 20.0}
     assert list(cpu_roles.per_token(before, after, 100_000)) == ["tiny-chat Worker", "ingress"]  # busiest first
+
+
+def test_stop_children_of_session_kills_only_that_sessions_children(tmp_path):
+    """What a test cluster's shutdown uses for what Ray lost track of (an untracked dashboard): this process's
+    children carrying the session's path, and theirs; nothing else."""
+    from conftest import stop_children_of_session
+
+    session, other = tmp_path / "session_a", tmp_path / "session_b"
+    sleeper = ("import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    ours = subprocess.Popen([sys.executable, "-c", sleeper, f"--session-dir={session}"])
+    theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={other}"])
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(ours.pid).children():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        grandchild = psutil.Process(ours.pid).children()[0]
+        stop_children_of_session(str(session))
+        assert ours.wait(timeout=10) is not None
+        assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+        assert theirs.poll() is None
+    finally:
+        for proc in (ours, theirs):
+            proc.kill()
+            proc.wait()
