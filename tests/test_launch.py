@@ -9,6 +9,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from launch import PORT_RANGE, RAY_START_TIMED_OUT, Server, free_port, of_run, process_role
 
@@ -137,3 +138,28 @@ def test_stop_children_of_session_kills_only_that_sessions_children(tmp_path):
         for proc in (ours, theirs):
             proc.kill()
             proc.wait()
+
+
+def test_a_worker_node_that_timed_out_starting_is_started_again_once():
+    from conftest import again_once_if_ray_timed_out
+
+    def starter(*failures: Exception):
+        pending, calls = list(failures), []
+
+        def start():
+            calls.append(1)
+            if pending:
+                raise pending.pop(0)
+            return "node"
+        return start, calls
+
+    start, calls = starter(Exception(RAY_START_TIMED_OUT))
+    assert again_once_if_ray_timed_out(start) == "node" and len(calls) == 2
+    start, calls = starter(RuntimeError("raylet crashed"))
+    with pytest.raises(RuntimeError):
+        again_once_if_ray_timed_out(start)
+    assert len(calls) == 1
+    start, calls = starter(Exception(RAY_START_TIMED_OUT), Exception(RAY_START_TIMED_OUT))
+    with pytest.raises(Exception, match=RAY_START_TIMED_OUT):
+        again_once_if_ray_timed_out(start)
+    assert len(calls) == 2
