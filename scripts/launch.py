@@ -59,6 +59,17 @@ def serve_config_on_port(config: pathlib.Path, port: int, workdir: pathlib.Path)
 RAY_START_TIMED_OUT = "The current node timed out during startup"
 
 
+def again_once_if_ray_timed_out(start):
+    """`start()`, called again once if it failed with Ray's start-up time-out (a new node's raylet also waits a fixed
+    time for its agents' port files and aborts when a loaded machine starts them slower)."""
+    try:
+        return start()
+    except Exception as e:
+        if RAY_START_TIMED_OUT not in str(e):
+            raise
+        return start()
+
+
 class Server:
     """A process in its own session; stopped with SIGTERM so it cleans up like a user's would (SIGINT would be
     ignored where the test run itself was started in the background)."""

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # 20-40 s per model graph). Users' engines keep vLLM's default; `scripts/bench.py` measures that one.
 os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 sys.path.insert(0, str(ROOT / "scripts"))
-from launch import RAY_START_TIMED_OUT, RUN_ID, Server, processes_of_run, running, serve_run  # noqa: E402
+from launch import RUN_ID, Server, again_once_if_ray_timed_out, processes_of_run, running, serve_run  # noqa: E402
 
 # Every process the suite starts inherits this run's id (so that what it leaves behind can be named and nothing
 # else is touched) and keeps Ray's sessions in a folder of its own, not the user's /tmp/ray. Under `pytest -n`
@@ -112,17 +112,6 @@ def local_ray_cluster(**head_args):
 
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     return OwnCluster(initialize_head=True, head_node_args={"include_dashboard": False, **head_args})
-
-
-def again_once_if_ray_timed_out(start):
-    """`start()`, called again once if it failed with Ray's start-up time-out: a new node's raylet waits a fixed time
-    for its agents' port files and aborts when a loaded machine starts them slower (seen in a CI check run)."""
-    try:
-        return start()
-    except Exception as e:
-        if RAY_START_TIMED_OUT not in str(e):
-            raise
-        return start()
 
 
 def stop_children_of_session(session_dir: str) -> None:

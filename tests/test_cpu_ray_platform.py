@@ -94,7 +94,6 @@ def two_node_cluster(monkeypatch):
     # The head alone has `head_node`: the test pins the router there, so that losing the other node is an engine's loss.
     cluster = local_ray_cluster(**{**node_args, "resources": {"cpu_device": 1, "head_node": 1}}, temp_dir=temp_dir)
     try:
-        cluster.temp_dir = temp_dir
         cluster.add_device_node = lambda: cluster.add_node(**node_args, temp_dir=temp_dir,
                                                            env_vars={"VLLM_HOST_IP": "127.0.0.2"})
         cluster.add_device_node()
@@ -134,7 +133,7 @@ def named_unhealthy(health, model: str) -> bool:
     return health.status_code == 503 and model in health.json().get("models", {})
 
 
-def serve_state(temp_dir: str, deployment: str) -> str:
+def serve_state(cluster, deployment: str) -> str:
     """What a failed wait needs to say why: the cluster's nodes and placement groups, Serve's view of the app's
     deployments, and the tail of the deployment's newest replica log."""
     import ray
@@ -145,8 +144,8 @@ def serve_state(temp_dir: str, deployment: str) -> str:
               ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
     deployments = {name: (d.status, d.message, d.replica_states)
                    for name, d in serve.status().applications["llm"].deployments.items()}
-    logs = sorted(pathlib.Path(temp_dir).glob(f"session_*/logs/serve/replica_llm_*{deployment}*.log"),
-                  key=lambda f: f.stat().st_mtime)
+    serve_logs = pathlib.Path(cluster.head_node.get_session_dir_path()) / "logs" / "serve"
+    logs = sorted(serve_logs.glob(f"replica_llm_*{deployment}*.log"), key=lambda f: f.stat().st_mtime)
     tail = "\n".join(logs[-1].read_text(errors="replace").splitlines()[-25:]) if logs else "(no replica log)"
     return f"nodes {nodes}\nplacement groups {groups}\ndeployments {deployments}\n{logs[-1] if logs else ''}:\n{tail}"
 
@@ -234,7 +233,7 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
     assert len(received) < 240
     deadline = time.monotonic() + 120
     while not named_unhealthy(health := get_through_reloads(f"{base_url}/health"), "tiny-split"):
-        assert time.monotonic() < deadline, f"{health.text}\n{serve_state(two_node_cluster.temp_dir, 'tiny-split')}"
+        assert time.monotonic() < deadline, f"{health.text}\n{serve_state(two_node_cluster, 'tiny-split')}"
         time.sleep(1)
     assert set(health.json()["models"]) == {"tiny-split"}, health.text  # the model on the head node still serves
     record_property("health_names_it_after_node_loss_s", round(time.monotonic() - lost))
@@ -249,6 +248,6 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
         except openai.APIError as e:
             assert time.monotonic() < deadline, (f"no replacement replica served within {REPLACEMENT_WAIT_S} s of the "
                                                  f"node's return ({e!r})\n"
-                                                 f"{serve_state(two_node_cluster.temp_dir, 'tiny-split')}")
+                                                 f"{serve_state(two_node_cluster, 'tiny-split')}")
             time.sleep(5)
     record_property("serving_again_after_node_back_s", round(time.monotonic() - back))

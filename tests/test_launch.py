@@ -6,12 +6,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
-from launch import PORT_RANGE, RAY_START_TIMED_OUT, Server, free_port, of_run, process_role
+from launch import (PORT_RANGE, RAY_START_TIMED_OUT, Server, again_once_if_ray_timed_out, free_port, of_run,
+                    process_role)
 
 
 class FakeProcess:
@@ -117,7 +117,7 @@ def test_device_cpu_per_token_is_the_difference_over_the_output_tokens():
 def test_stop_children_of_session_kills_only_that_sessions_children(tmp_path):
     """What a test cluster's shutdown uses for what Ray lost track of (an untracked dashboard): this process's
     children carrying the session's path, and theirs; nothing else."""
-    from conftest import stop_children_of_session
+    from conftest import stop_children_of_session, wait_for
 
     session, other = tmp_path / "session_a", tmp_path / "session_b"
     sleeper = ("import subprocess, sys, time; "
@@ -125,11 +125,7 @@ def test_stop_children_of_session_kills_only_that_sessions_children(tmp_path):
     ours = subprocess.Popen([sys.executable, "-c", sleeper, f"--session-dir={session}"])
     theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={other}"])
     try:
-        deadline = time.monotonic() + 30
-        while not psutil.Process(ours.pid).children():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        grandchild = psutil.Process(ours.pid).children()[0]
+        grandchild = wait_for(lambda: psutil.Process(ours.pid).children(), 30, "the grandchild", 0.1)[0]
         stop_children_of_session(str(session))
         assert ours.wait(timeout=10) is not None
         assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
@@ -141,8 +137,6 @@ def test_stop_children_of_session_kills_only_that_sessions_children(tmp_path):
 
 
 def test_a_worker_node_that_timed_out_starting_is_started_again_once():
-    from conftest import again_once_if_ray_timed_out
-
     def starter(*failures: Exception):
         pending, calls = list(failures), []
 
