@@ -23,10 +23,12 @@ from app.engine import EngineServer
 from app.ingress import ingress_class
 from app.model_shape import read_model_shape
 from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
+from app.worker_fork import ACTIVATE_ENV as WORKER_FORK_ENV_NAME
 
 logger = logging.getLogger("ray.serve")
 
-ENGINE_REPLICA_ENV = {PROCESS_GUARD_ENV_NAME: "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+ENGINE_REPLICA_ENV = {PROCESS_GUARD_ENV_NAME: "1", WORKER_FORK_ENV_NAME: "1",
+                      "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 LORA_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 REPLICA_ROUTER = "app.replica_router:EngineReplicaRouter"
 

@@ -3,8 +3,8 @@
 
 It runs vLLM's own API server (the same arguments, app, uvicorn and engine client as `vllm serve`) with one
 middleware added through vLLM's `--middleware` option: the replica's admission limit (`app.admission`), which the
-replica steers over `CONTROL_PATH`. Unlike `vllm serve`, the engine core and its worker are forked from this process
-(vLLM's default outside its CLI, and outside Ray actors), not spawned: vLLM is imported once per engine.
+replica steers over `CONTROL_PATH`. The engine core is started as vLLM's library does (forked where vLLM allows: GPUs;
+spawned on CPU, where vLLM's CPU platform asks for it) and forks its worker (`app.worker_fork`).
 """
 
 from __future__ import annotations
@@ -70,22 +70,13 @@ async def respond(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-def load_plugins_again() -> None:
-    """A forked engine core or worker must load vLLM's general plugins once more, as a spawned one does: a parent-death
-    signal (`app.process_guard`) does not survive fork, and vLLM reconfigures its logging in the new process (dropping
-    the handler `app.engine_errors` added). vLLM loads them at the process's start unless its flag says they are
-    loaded."""
-    plugins = sys.modules.get("vllm.plugins")
-    if plugins is not None:
-        plugins.plugins_loaded = False
-
-
 def main(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    from app import process_guard
+    from app import process_guard, worker_fork
 
     process_guard.die_with(spec["parent_pid"])  # and its engine core and worker with it (`app.process_guard`)
-    os.register_at_fork(after_in_child=load_plugins_again)
+    # vLLM forks its engine core where it may (GPUs; CPU engines spawn it): it must load vLLM's plugins again.
+    os.register_at_fork(after_in_child=worker_fork.load_plugins_again)
     import uvloop
 
     from app import vllm_api

@@ -44,7 +44,7 @@ def test_a_forked_worker_records_errors_once(monkeypatch, tmp_path):
     log = logging.getLogger("vllm")
     before = list(log.handlers)
     try:
-        engine_errors.install()  # the engine core (forked: app/engine_main.py)
+        engine_errors.install()  # the engine core (app/worker_fork.py)
         engine_errors.install()  # its forked worker, which inherited the handler
         assert len(log.handlers) == len(before) + 1
     finally:
