@@ -76,7 +76,7 @@ def main(spec_json: str) -> None:
 
     process_guard.die_with(spec["parent_pid"])  # and its engine core and worker with it (`app.process_guard`)
     # vLLM forks its engine core where it may (GPUs; CPU engines spawn it): it must load vLLM's plugins again.
-    os.register_at_fork(after_in_child=worker_fork.load_plugins_again)
+    os.register_at_fork(after_in_child=worker_fork.load_plugins_again)  # no OpenMP binding there
     import uvloop
 
     from app import vllm_api
