@@ -1,32 +1,35 @@
-"""The engine replica: one vLLM engine serving vLLM's own OpenAI app on an HTTP server of its own.
+"""The engine replica: one vLLM async engine plus vLLM's own OpenAI server app on the replica's own HTTP server.
 
-`vllm serve`'s server runs unchanged, so chat templates, sampling parameters, logprobs, usage accounting and error
-bodies are exactly those of `vllm serve`, and response bytes go straight from it to the router's socket: no Ray
-message carries them. It runs in a child process of the replica (`app.engine_process`), or, for engines whose
-workers are Ray actors in the replica's placement group, inside the replica (`app.engine_inprocess`).
+`vllm serve`'s FastAPI app runs unchanged on a uvicorn server inside the replica, so chat templates,
+sampling parameters, logprobs, usage accounting and error bodies are exactly those of `vllm serve`, and
+response bytes go straight from this process to the router's socket: no Ray message carries them.
 The replica tells Ray Serve its URL and routes (`record_replica_metadata`), which Serve's controller pushes to
-every router (`app.replica_directory`), bounds its engine requests at `max_ongoing_requests` (`app.admission`)
+every router (`app.replica_directory`), bounds its own engine requests at `max_ongoing_requests` (`app.admission`)
 and reports its load to Serve's autoscaler (`record_autoscaling_stats`). Serve keeps the replica's lifecycle,
-placement group, health checks, constructor retries and scaling. GPU models run here; CPU models in its subclass
-`app.cpu.CPUEngineServer`.
+placement group, health checks, constructor retries and scaling. GPU models run here; CPU models in its subclass `app.cpu.CPUEngineServer`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from app import adapters, engine_errors
+from app.admission import Admission
 from app.autoscaling import engine_load
 from app.backend import installed_vllm_build, runtime_problem
 from app.config import ModelSpec
-from app.engine_inprocess import InReplicaEngine
-from app.engine_process import EngineProcess
 
 logger = logging.getLogger("ray.serve")
 
 ROUTERS_NOTICE_S = 1.0  # a stopping replica is out of the routers' tables by then (Serve's controller pushes it)
+
+
+def vllm_routes(app) -> list[str]:
+    """The POST routes of vLLM's app for this model's tasks (what the router may send here)."""
+    return sorted({r.path for r in app.routes if "POST" in (getattr(r, "methods", None) or ())})
 
 
 class EngineServer:
@@ -43,28 +46,56 @@ class EngineServer:
             raise RuntimeError(f"model {self.spec.name!r} cannot start on this node: {problem}")
         from ray import serve
 
+        from app import vllm_api
+
         context = serve.get_replica_context()
-        self._registry = (context.app_name, context.deployment)  # where the router records run-time adapters
         source = self.spec.resolved_source()
-        server_spec = {"source": source, "name": self.spec.name, "overrides": engine_overrides,
-                       "lora_modules": self.spec.resolved_lora_adapters()}
-        host = InReplicaEngine if self._uses_ray_workers(engine_overrides) else EngineProcess
-        logger.info("model %s: starting vLLM engine from %s with %s (%s)", self.spec.name, source, engine_overrides,
-                    host.__name__)
+        args = vllm_api.server_args(source, self.spec.name, engine_overrides, self.spec.resolved_lora_adapters())
+        self._registry = (context.app_name, context.deployment)  # where the router records run-time adapters
+        logger.info("model %s: starting vLLM engine from %s with %s", self.spec.name, source, engine_overrides)
+        self._engine_cm = vllm_api.build_async_engine_client_from_engine_args(vllm_api.engine_args_from(args))
         self._errors = engine_errors.collecting()
-        self.engine = host(self.spec.name, server_spec, _max_ongoing_requests(), self._errors)
         try:
-            await self.engine.start()
-        except BaseException:
-            await self.engine.stop()
+            self.engine = await self._engine_cm.__aenter__()
+        except Exception as e:
+            cause = engine_errors.root_cause(self._errors) or f"{type(e).__name__}: {e}"
             self._errors.unlink(missing_ok=True)
-            raise  # Serve retries the constructor up to the deployment's max_constructor_retry_count, then gives up
-        self.url = self.engine.url
-        logger.info("model %s: ready at %s (tasks %s, max_model_len %d)", self.spec.name, self.url, self.engine.tasks,
-                    self.engine.max_model_len)
+            # Serve retries the constructor up to the deployment's max_constructor_retry_count, then gives up.
+            raise RuntimeError(f"model {self.spec.name!r}: vLLM's engine did not start: {cause}") from e
+        tasks = await self.engine.get_supported_tasks()
+        vllm_app = vllm_api.build_app(args, tasks, self.engine.model_config)
+        await vllm_api.init_app_state(self.engine, vllm_app.state, args, tasks)
+        self.http = Admission(vllm_app, _max_ongoing_requests)
+        self.url, self._server = await self._serve_http(vllm_app)
+        # vLLM's engine-error handler stops this server once the engine died; the health check then fails.
+        vllm_app.state.server = self._server
+        self._routes = vllm_routes(vllm_app)
+        logger.info("model %s: ready at %s (tasks %s, max_model_len %d)", self.spec.name, self.url, tasks,
+                    self.engine.model_config.max_model_len)
+        # vLLM's Ray workers live in this replica's placement group; where they ran at start (None: no Ray workers).
+        self._placement = await asyncio.to_thread(_placement) if self._uses_ray_workers(engine_overrides) else None
+        self._broken: str | None = None
 
     def _prepare_process(self) -> None:
         """Process settings the engine's processes inherit, set before vLLM starts (CPU engines: their cores)."""
+
+    async def _serve_http(self, app) -> tuple[str, Any]:
+        """vLLM's app on a uvicorn server of this replica, on a port the OS picks; returns (URL, server)."""
+        import ray
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 0))
+        config = uvicorn.Config(self.http, lifespan="on", log_level="warning", access_log=False,
+                                timeout_keep_alive=75, loop="none")
+        server = uvicorn.Server(config)
+        self._server_task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if self._server_task.done():
+                self._server_task.result()  # raises why it stopped
+            await asyncio.sleep(0.05)
+        return f"http://{ray.util.get_node_ip_address()}:{sock.getsockname()[1]}", server
 
     async def _sync_adapters(self) -> None:
         """Loads the registry's run-time LoRA adapters that this replica lacks, unloads those no longer in it;
@@ -95,16 +126,33 @@ class EngineServer:
         to every router. The run-time LoRA adapters are synced here, as late as possible: routers load new ones on
         the replicas they know, and this one is not known before it is RUNNING."""
         await self._sync_adapters()
-        return {"url": self.url, "routes": self.engine.routes}
+        return {"url": self.url, "routes": self._routes}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every `metrics_interval_s` of an autoscaled deployment (`app.autoscaling`)."""
-        return engine_load(await self.engine.ongoing())
+        return engine_load(self.http.count)
 
     async def check_health(self) -> None:
-        """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it. Also hands the
-        engine a changed `max_ongoing_requests` (Serve changes it in place)."""
-        await self.engine.check_health(_max_ongoing_requests())
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        if self._server_task.done():
+            raise RuntimeError(f"model {self.spec.name!r}: the replica's HTTP server stopped")
+        if self._placement is not None and self._broken is None:
+            # A node holding some of vLLM's workers went away: vLLM shuts its executor down but its engine neither
+            # fails nor answers (requests hang), so only the placement group tells.
+            now = await asyncio.to_thread(_placement)
+            if now != self._placement:
+                self._broken = (f"model {self.spec.name!r}: its placement group changed from {self._placement} to "
+                                f"{now} (a node with vLLM workers was lost); replacing the replica")
+                # Serve stops the replica only after its failed checks in a row: until then, no new requests (refused,
+                # so routers try another replica), its open ones end with the error now, and its workers stop.
+                from app import vllm_api
+
+                self.http.closed = "broken"
+                vllm_api.fail_in_flight(self.engine, self._broken)
+                await asyncio.to_thread(self.engine.shutdown)
+        if self._broken:
+            raise RuntimeError(self._broken)
+        await self.engine.check_health()
 
     @staticmethod
     def _uses_ray_workers(engine_overrides: dict[str, Any]) -> bool:
@@ -121,18 +169,18 @@ class EngineServer:
     async def __del__(self):
         """Graceful stop: routers stop sending here (the replica left RUNNING), open requests finish, then the
         server and the engine stop. Serve bounds this by the deployment's graceful_shutdown_timeout_s."""
-        engine = getattr(self, "engine", None)
-        if engine is None or not engine.url:
-            return
-        await asyncio.sleep(ROUTERS_NOTICE_S)  # requests routed just before the controller's push still count
-        try:
-            if engine.closed is None:
-                await engine.close("stopping")  # any later one goes to another replica
+        server = getattr(self, "_server", None)
+        if server is not None:
+            await asyncio.sleep(ROUTERS_NOTICE_S)  # requests routed just before the controller's push still count
+            self.http.closed = "stopping"  # any later one goes to another replica
             # Serve force-stops the replica after graceful_shutdown_timeout_s; a broken engine would never finish.
-            while engine.closed == "stopping" and await engine.ongoing():
+            while self.http.count and not getattr(self, "_broken", None):
                 await asyncio.sleep(0.1)
-        finally:
-            await engine.stop()
+            server.should_exit = True
+            await asyncio.wait([self._server_task], timeout=5)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
             self._errors.unlink(missing_ok=True)
 
 
@@ -141,3 +189,14 @@ def _max_ongoing_requests() -> int:
     from ray import serve
 
     return serve.get_replica_context()._deployment_config.max_ongoing_requests
+
+
+def _placement() -> tuple[str, dict] | None:
+    """(state, bundle index -> node id) of the calling replica's placement group; None outside one."""
+    from ray.util import get_current_placement_group, placement_group_table
+
+    group = get_current_placement_group()
+    if group is None:
+        return None
+    table = placement_group_table(group)
+    return table["state"], dict(table["bundles_to_node_id"])

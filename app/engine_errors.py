@@ -44,7 +44,7 @@ def install() -> None:
     """The `vllm.general_plugins` entry point: in an engine process of a replica, record errors for it."""
     path = os.environ.get(ERRORS_ENV)
     log = logging.getLogger("vllm")
-    # A forked engine core or worker (app/worker_fork.py) inherits its parent's handler.
+    # A forked worker (app/worker_fork.py) inherits its engine core's handler.
     if path and not any(isinstance(h, _ExceptionLines) and h.path == path for h in log.handlers):
         log.addHandler(_ExceptionLines(path))
 

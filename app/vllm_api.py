@@ -14,29 +14,18 @@ from typing import Any
 
 try:  # vLLM >= 0.30: the supported home of the OpenAI server's parts
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.api_server.entry import (
-        build_async_engine_client_from_engine_args,
-        run_server_worker,
-    )
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
     from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.launchers.launcher import validate_api_server_args
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
 except ImportError:  # vLLM 0.26 (the GPU image) has no `launchers`: these are defined, not deprecated, there
     from vllm.entrypoints.openai.api_server import (  # type: ignore[no-redef]
         build_app,
         build_async_engine_client_from_engine_args,
         init_app_state,
-        run_server_worker,
-        validate_api_server_args,
     )
-    from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args  # type: ignore[no-redef]
+    from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
 
 from vllm.engine.arg_utils import AsyncEngineArgs
-
-try:
-    from vllm.utils.system_utils import set_process_title
-except ImportError:  # vLLM 0.26
-    from vllm.utils import set_process_title  # type: ignore[no-redef]
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 
@@ -64,15 +53,6 @@ def known_argument_names() -> set[str]:
 
 def engine_args_from(args: argparse.Namespace) -> AsyncEngineArgs:
     return AsyncEngineArgs.from_cli_args(args)
-
-
-async def serve(args: argparse.Namespace, sock) -> None:
-    """What `vllm serve` does once it has parsed its arguments (its checks, its engine client, its app on uvicorn),
-    on a listening socket the caller made. The process is named as vLLM names its own (VLLM::APIServer)."""
-    set_process_title("APIServer")
-    validate_parsed_serve_args(args)
-    validate_api_server_args(args)
-    await run_server_worker(f"http://{args.host}:{args.port}", sock, args)
 
 
 def fail_in_flight(engine: Any, reason: str) -> None:

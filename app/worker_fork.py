@@ -1,16 +1,16 @@
 """vLLM's workers forked from their engine core, not spawned.
 
-vLLM's CPU platform sets `VLLM_WORKER_MULTIPROC_METHOD=spawn` in the engine process (`app.engine_main`) when it
-builds the engine's config, as `vllm serve`'s CLI does everywhere; the engine core inherits it, and its `mp` workers
-(on CPU every engine has one) would be spawned too, each one more process importing vLLM from scratch (about 10 s
-of a core, measured). The engine core has no Ray in it and has run no model code, so vLLM's library default, fork,
-is safe there, and vLLM still switches to spawn where it must (a Ray actor, CUDA initialised, WSL). A
-`vllm.general_plugins` entry point; active where the replica's environment sets `LLM_APP_FORK_WORKERS=1`.
+In a Ray actor vLLM must spawn its engine core (a fork would copy Ray's threads), and on CPU its platform asks for
+spawn anyway; the choice is recorded in `VLLM_WORKER_MULTIPROC_METHOD`, which the engine core inherits: its `mp`
+workers (on CPU every engine has one) are then spawned too, each one more process importing vLLM from scratch
+(about 10 s of a core, measured). The engine core has no Ray in it and has run no model code, so fork is safe there,
+and vLLM still switches to spawn where it must (a Ray actor, CUDA initialised, WSL). A `vllm.general_plugins` entry
+point; active where the replica's environment sets `LLM_APP_FORK_WORKERS=1`.
 
 vLLM binds a CPU worker's OpenMP threads through the environment it starts the worker in (`OMP_NUM_THREADS` and the
 cores: `OMP_PLACES`, or `GOMP_CPU_AFFINITY` / `KMP_AFFINITY` where that OpenMP is preloaded), which OpenMP reads when
 it starts in a new process. A forked worker's OpenMP started in its engine core, so the worker applies that binding
-itself right after the fork (without it, it computed on every core with two threads: 4x the time per token here).
+itself right after the fork (without it, it computed on every core with one thread per core).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _hooked = False
 def install() -> None:
     global _hooked
     if os.environ.get(ACTIVATE_ENV) != "1" or multiprocessing.parent_process() is None:
-        return  # the engine process itself keeps what vLLM chose for its engine core
+        return  # the replica itself (a Ray actor) keeps spawn
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
     if not _hooked:
         os.register_at_fork(after_in_child=start_worker)

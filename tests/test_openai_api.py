@@ -252,7 +252,7 @@ def test_routes_are_exactly_vllms(base_url, request):
     app = request.getfixturevalue("cpu_app")
     from app import vllm_api
     from app.config import AppConfig
-    from app.engine_main import post_routes
+    from app.engine import vllm_routes
 
     config = AppConfig.model_validate(
         yaml.safe_load((ROOT / "serve_configs" / "cpu.yaml").read_text())["applications"][0]["args"])
@@ -262,7 +262,7 @@ def test_routes_are_exactly_vllms(base_url, request):
     for name, model_tasks in tasks.items():
         args = vllm_api.server_args(config.model(name).resolved_source(), name, {})
         model_config = vllm_api.engine_args_from(args).create_model_config()
-        routes[name] = {re.sub(r"{[^}]+}", "x", r) for r in post_routes(vllm_api.build_app(args, tuple(model_tasks),
+        routes[name] = {re.sub(r"{[^}]+}", "x", r) for r in vllm_routes(vllm_api.build_app(args, tuple(model_tasks),
                                                                                            model_config))}
     assert "/v1/chat/completions" in routes[CHAT] and "/v1/embeddings" in routes[EMBED], routes
     every = set().union(*routes.values())

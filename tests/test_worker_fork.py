@@ -1,5 +1,5 @@
-"""`app.worker_fork`: the engine core (a spawned child of the engine process) forks its workers; the engine process
-keeps spawn."""
+"""`app.worker_fork`: the engine core (a spawned child of its replica) forks its workers, bound to the cores vLLM
+chose for them; the replica keeps spawn."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from app import worker_fork
 from conftest import ROOT
 
-# An engine process (parent) that spawns its engine core (child), as vLLM's CPU platform makes it; each loads the
-# plugin and says which start method vLLM would then use for its own children.
+# A replica (parent) that spawns its engine core (child), as vLLM does inside a Ray actor; each loads the plugin
+# and says which start method vLLM would then use for its own children.
 REPLICA = """
 import multiprocessing, os, sys, types
 from app import worker_fork
@@ -33,7 +33,7 @@ def engine_core():
 
 if __name__ == "__main__":
     worker_fork.install()
-    print("engine process", os.environ["VLLM_WORKER_MULTIPROC_METHOD"], flush=True)
+    print("replica", os.environ["VLLM_WORKER_MULTIPROC_METHOD"], flush=True)
     p = multiprocessing.get_context("spawn").Process(target=engine_core)
     p.start()
     p.join()
@@ -53,7 +53,7 @@ def test_only_the_engine_core_switches_to_fork_and_its_workers_load_plugins_and_
            "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)
     said = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert said.stdout.splitlines() == ["engine process spawn", f"engine core {engine_core_method}",
+    assert said.stdout.splitlines() == ["replica spawn", f"engine core {engine_core_method}",
                                         f"worker loads plugins {reloads}", f"worker computes on {binding}"], said.stderr
 
 
