@@ -166,7 +166,8 @@ class CPUOptions(Strict):
 
     @model_validator(mode="after")
     def _app_rules_need_auto(self) -> "CPUOptions":
-        picked = [name for name, value in (("threads", self.threads), ("share", self.share)) if value not in (None, "own")]
+        chosen = (("threads", self.threads), ("share", self.share))
+        picked = [name for name, value in chosen if value not in (None, "own")]
         if self.omp_threads_bind != "auto" and picked:
             raise ValueError(f"{sorted(picked)} need omp_threads_bind 'auto' (a core list or 'nobind' is passed to "
                              "vLLM as it is)")

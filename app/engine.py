@@ -6,7 +6,8 @@ response bytes go straight from this process to the router's socket: no Ray mess
 The replica tells Ray Serve its URL and routes (`record_replica_metadata`), which Serve's controller pushes to
 every router (`app.replica_directory`), bounds its own engine requests at `max_ongoing_requests` (`app.admission`)
 and reports its load to Serve's autoscaler (`record_autoscaling_stats`). Serve keeps the replica's lifecycle,
-placement group, health checks, constructor retries and scaling. GPU models run here; CPU models in its subclass `app.cpu.CPUEngineServer`.
+placement group, health checks, constructor retries and scaling. GPU models run here; CPU models in its subclass
+`app.cpu.CPUEngineServer`.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class Ingress:
         table.follow()
         for handle in self.engines.values():
             if not handle.is_initialized:
-                handle._init()  # starts its router, which Serve's controller pushes replica changes to (as ray.serve.llm)
+                handle._init()  # starts its router; Serve's controller pushes replica changes to it (ray.serve.llm too)
         self.session = new_session()
         return Router(self.config, table, self.session)
 

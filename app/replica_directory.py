@@ -1,8 +1,8 @@
 """Which engine replicas are RUNNING and where their own HTTP servers listen, as Ray Serve's controller pushes it.
 
 Every engine deployment names `app.replica_router.EngineReplicaRouter` as its Serve request router. Each router
-replica holds a DeploymentHandle per engine deployment; Serve's controller pushes every change of that deployment's running
-replicas (long poll), with the URL and routes each replica returned from its `record_replica_metadata`, to the
+replica holds a DeploymentHandle per engine deployment; Serve's controller pushes every change of that deployment's
+running replicas (long poll), with the URL and routes each replica returned from its `record_replica_metadata`, to the
 handle's request router, which hands them to this process's subscribers (the router's `ReplicaPool`s). Nothing
 polls and nothing is kept in Ray's KV store: a replica that dies or stops leaves the push once Serve's controller
 knows (its health check), a new one joins once RUNNING.

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from app.prefix_routing import PrefixAffinity

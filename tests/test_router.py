@@ -33,7 +33,7 @@ class FakeEngine:
         app.router.add_post("/v1/load_lora_adapter", self.lora)
         app.router.add_get("/health", lambda r: web.Response(text=""))
         app.router.add_get("/metrics", lambda r: web.Response(
-            text=f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="m"}} 1.0\n'))
+            text='# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} 1.0\n'))
         app.router.add_get("/v1/models", lambda r: web.json_response({"data": [{"id": "m", "max_model_len": 77}]}))
         self.runner = web.AppRunner(app)
 
