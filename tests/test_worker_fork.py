@@ -19,7 +19,7 @@ import multiprocessing, os, sys, types
 from app import worker_fork
 
 def engine_core():
-    import torch  # its OpenMP starts here, at two threads on every core
+    import torch  # its OpenMP starts here, unbound: a thread per core, on every core
 
     sys.modules["vllm.plugins"] = types.SimpleNamespace(plugins_loaded=True)  # vLLM's flag, as the core has it
     worker_fork.install()
@@ -55,7 +55,6 @@ def test_only_the_engine_core_switches_to_fork_and_its_workers_load_plugins_and_
     said = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert said.stdout.splitlines() == ["replica spawn", f"engine core {engine_core_method}",
                                         f"worker loads plugins {reloads}", f"worker computes on {binding}"], said.stderr
-
 
 
 @pytest.mark.parametrize(("environ", "cores"), [
