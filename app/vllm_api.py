@@ -19,9 +19,9 @@ try:  # vLLM >= 0.30: the supported home of the OpenAI server's parts
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
 except ImportError:  # vLLM 0.26 (the GPU image) has no `launchers`: these are defined, not deprecated, there
     from vllm.entrypoints.openai.api_server import (  # type: ignore[no-redef]
-        build_app,
-        build_async_engine_client_from_engine_args,
-        init_app_state,
+        build_app,  # noqa: F401  (used as vllm_api.build_app, like the names above)
+        build_async_engine_client_from_engine_args,  # noqa: F401
+        init_app_state,  # noqa: F401
     )
     from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
 

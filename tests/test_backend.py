@@ -140,7 +140,8 @@ def test_runtime_problem_names_what_was_found_and_the_fix(backend, build, gpus, 
     assert problem and all(s in problem for s in says), problem
 
 
-@pytest.mark.parametrize(("backend", "build", "gpus"), [("cpu", "cpu", None), ("gpu", "cuda", 1), ("gpu", "cuda", None)])
+@pytest.mark.parametrize(("backend", "build", "gpus"),
+                         [("cpu", "cpu", None), ("gpu", "cuda", 1), ("gpu", "cuda", None)])
 def test_runtime_problem_none_when_the_node_fits(backend, build, gpus):
     assert runtime_problem(backend, build, gpus) is None
 

@@ -46,7 +46,8 @@ def test_claim_table_gives_engines_of_one_node_disjoint_cores_and_forgets_dead_o
     # The same process claiming again (a restarted engine) replaces its own claim.
     assert claim_cores(CPUOptions(threads=1), [0, 1, 2, 3], claims) == [0]
     other = subprocess.run(
-        [sys.executable, "-c", "import pathlib, sys; from app.cpu import claim_cores; from app.config import CPUOptions;"
+        [sys.executable, "-c", "import pathlib, sys; from app.cpu import claim_cores; "
+         "from app.config import CPUOptions;"
          f"print(claim_cores(CPUOptions(threads=2), [0, 1, 2, 3], pathlib.Path({str(claims)!r})))"],
         capture_output=True, text=True, cwd=os.getcwd(), check=True)
     assert other.stdout.strip() == "[1, 2]"  # another engine alive when it claimed: disjoint from [0]

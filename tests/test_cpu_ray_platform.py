@@ -184,7 +184,8 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
         split,
         # The one-device copy in vLLM's CPU-CI mode (traced once, run eagerly, no warm-up needed).
         {"name": "tiny-one", "source": str(TINY_CHAT), "backend": "cpu", "engine_args": ENGINE,
-         "env": {**on_cluster, "VLLM_CPU_CI_ENV": "1"}, "deployment": {"num_cpus": 0.5, "resources": {"head_node": 0.01}}},  # stays up
+         "env": {**on_cluster, "VLLM_CPU_CI_ENV": "1"},
+         "deployment": {"num_cpus": 0.5, "resources": {"head_node": 0.01}}},  # stays up
     ], "ingress": {"resources": {"head_node": 0.01}}}
     started = time.monotonic()
     serve.run(build_app(args), name="llm", route_prefix="/")

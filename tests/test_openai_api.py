@@ -120,7 +120,8 @@ def cosine(a, b):
 
 
 def test_embeddings_make_sense(client):
-    sentences = ["I like to eat pizza for dinner.", "She enjoys eating pasta at night.", "The stock market fell sharply."]
+    sentences = ["I like to eat pizza for dinner.", "She enjoys eating pasta at night.",
+                 "The stock market fell sharply."]
     r = client.embeddings.create(model=EMBED, input=sentences)
     vectors = [d.embedding for d in r.data]
     assert len(vectors) == 3 and len(vectors[0]) == 384
@@ -170,7 +171,8 @@ def test_32_concurrent_requests_each_get_their_own_answer(client, aclient_factor
             return r.choices[0].message.content, r.usage.completion_tokens
         stream = await client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
         chunks = [c async for c in stream]
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens
 
     async def embed(client, sentence) -> list[float]:
         return (await client.embeddings.create(model=EMBED, input=sentence)).data[0].embedding
