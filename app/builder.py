@@ -20,6 +20,7 @@ from app.autoscaling import POLICY_PATH
 from app.config import AppConfig, DeploymentOptions, EngineScalingTargets, ModelDeploymentOptions, ModelSpec
 from app.cpu import CPUEngineServer, cpu_engine
 from app.engine import EngineServer
+from app.engine_arg_names import known_engine_arg_names
 from app.ingress import ingress_class
 from app.model_shape import read_model_shape
 from app.process_guard import ACTIVATE_ENV as PROCESS_GUARD_ENV_NAME
@@ -141,9 +142,7 @@ def engine_deployment(spec: ModelSpec, choice: BackendChoice, facts: ClusterFact
 
 
 def check_engine_args(model: str, overrides: dict[str, Any]) -> None:
-    from app.vllm_api import known_argument_names
-
-    unknown = sorted(set(overrides) - known_argument_names())
+    unknown = sorted(set(overrides) - known_engine_arg_names())
     if unknown:
         raise ConfigError(
             f"model {model!r}: unknown vLLM engine argument(s) {unknown} in engine_args; "
