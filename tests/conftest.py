@@ -100,9 +100,22 @@ def local_ray_cluster(**head_args):
 
     class OwnCluster(Cluster):
         def add_node(self, **node_args):
-            if self.head_node is None:  # a failed head would leave its GCS behind: no second try
-                return Cluster.add_node(self, **node_args)
-            return again_once_if_ray_timed_out(lambda: Cluster.add_node(self, **node_args))
+            if self.head_node is not None:
+                return again_once_if_ray_timed_out(lambda: Cluster.add_node(self, **node_args))
+            import psutil
+
+            before = {p.pid for p in psutil.Process().children()}
+
+            def start_head():
+                try:
+                    return Cluster.add_node(self, **node_args)
+                except Exception:
+                    # A head that timed out starting leaves its GCS, monitor, dashboard and log monitor running,
+                    # untracked (the cluster has no head node to shut down): stop the processes this start began.
+                    stop_children_except(before)
+                    raise
+
+            return again_once_if_ray_timed_out(start_head)
 
         def shutdown(self):
             session = self.head_node.get_session_dir_path() if self.head_node else None
@@ -112,6 +125,22 @@ def local_ray_cluster(**head_args):
 
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     return OwnCluster(initialize_head=True, head_node_args={"include_dashboard": False, **head_args})
+
+
+def stop_children_except(pids: set[int]) -> None:
+    """Kills this process's direct children that are not in `pids`, with their own children (an app started earlier
+    by this process keeps the processes it starts meanwhile: they are its children, not ours)."""
+    import psutil
+
+    new = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.pid not in pids:
+                new += [child, *child.children(recursive=True)]
+    for proc in new:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(new, timeout=10)
 
 
 def stop_children_of_session(session_dir: str) -> None:
