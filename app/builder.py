@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from app.backend import BackendChoice, ClusterFacts, choose_backend, installed_vllm_build
 from app.autoscaling import POLICY_PATH
+from app.backend import BackendChoice, ClusterFacts, choose_backend, installed_vllm_build
 from app.config import AppConfig, DeploymentOptions, EngineScalingTargets, ModelDeploymentOptions, ModelSpec
 from app.cpu import CPUEngineServer, cpu_engine
 from app.engine import EngineServer
