@@ -12,6 +12,7 @@ from typing import Any
 from app.config import AppConfig, ModelSpec, RequestLimits
 from app.errors import bad_request, not_found, unauthorized
 
+
 class ServedRoutes:
     """The POST routes one model's vLLM app serves (its path templates, e.g. `/v1/responses/{response_id}/cancel`).
 
