@@ -10,8 +10,8 @@ import sys
 import psutil
 import pytest
 
-from launch import (PORT_RANGE, RAY_START_TIMED_OUT, Server, again_once_if_ray_timed_out, free_port, of_run,
-                    process_role)
+from launch import (PORT_RANGE, RAY_START_TIMED_OUT, ROOT, SERVE_ENV, Server, again_once_if_ray_timed_out, free_port,
+                    of_run, process_role)
 
 
 class FakeProcess:
@@ -157,3 +157,11 @@ def test_a_worker_node_that_timed_out_starting_is_started_again_once():
     with pytest.raises(Exception, match=RAY_START_TIMED_OUT):
         again_once_if_ray_timed_out(start)
     assert len(calls) == 2
+
+
+def test_tests_and_benchmarks_run_the_app_with_make_serves_settings():
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(line for line in makefile.splitlines() if line.startswith("SERVE_ENV ="))
+    make_env = dict(pair.split("=", 1) for pair in line.removeprefix("SERVE_ENV =").split())
+    assert make_env.pop("RAY_SERVE_HAPROXY_BINARY_PATH") == "$(CURDIR)/.venv/bin/haproxy-with-parent"
+    assert make_env == {k: v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"}
