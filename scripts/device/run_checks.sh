@@ -49,8 +49,9 @@ BENCH_PROMPTS=${BENCH_PROMPTS:-1280}
 BENCH1_PROMPTS=${BENCH1_PROMPTS:-64}  # at 1 stream (32 until 2026-12-05: too few for a 1 ms difference)
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$repo PATH=/tmp/site/bin:$PATH
 export RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# The app's request path: Ray Serve's HAProxy with direct ingress (README "How it is built").
-export RAY_SERVE_ENABLE_HA_PROXY=1
+# The app's request path: Ray Serve's HAProxy with direct ingress (README "How it is built"), one HAProxy thread
+# and Serve's control loop at 1 Hz, as `make serve` and the manifests run it.
+export RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_NBTHREAD=1 RAY_SERVE_CONTROL_LOOP_INTERVAL_S=1
 # NVLink multicast stays off on these machines, in every process the app and vLLM start.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$OUT" "$RES"
