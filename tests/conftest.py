@@ -132,15 +132,7 @@ def stop_children_except(pids: set[int]) -> None:
     by this process keeps the processes it starts meanwhile: they are its children, not ours)."""
     import psutil
 
-    new = []
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):
-            if child.pid not in pids:
-                new += [child, *child.children(recursive=True)]
-    for proc in new:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(new, timeout=10)
+    kill_trees(child for child in psutil.Process().children() if child.pid not in pids)
 
 
 def stop_children_of_session(session_dir: str) -> None:
@@ -148,15 +140,26 @@ def stop_children_of_session(session_dir: str) -> None:
     line), with their own children."""
     import psutil
 
-    ours = []
-    for child in psutil.Process().children(recursive=True):
+    def of_session(proc) -> bool:
         with contextlib.suppress(psutil.Error):
-            if session_dir in " ".join(child.cmdline()):
-                ours += [child, *child.children(recursive=True)]
-    for proc in ours:
+            return session_dir in " ".join(proc.cmdline())
+        return False
+
+    kill_trees(child for child in psutil.Process().children(recursive=True) if of_session(child))
+
+
+def kill_trees(roots) -> None:
+    """Kills each process of `roots` and its descendants, and waits (up to 10 s) for them to be gone."""
+    import psutil
+
+    procs = []
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs += [root, *root.children(recursive=True)]
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(ours, timeout=10)
+    psutil.wait_procs(procs, timeout=10)
 
 
 # Integration groups, the longest first (as measured beside each other on 2 cores with two workers), but the
