@@ -1,0 +1,42 @@
+"""Where the embedded default's vLLM processes compute (serve_configs/cpu.yaml, the shared app): each engine core on
+its worker's first core (`app.engine_core_cpu`), the workers on the cores their replicas picked (`app.cpu`), the
+embedding engine at its lower priority."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def engine_processes(app) -> dict[str, dict[str, psutil.Process]]:
+    """{model: {"EngineCore": process, "Worker": process}} of the app's vLLM processes, by the replica above them."""
+    found: dict[str, dict[str, psutil.Process]] = {}
+    for proc in app.processes():
+        title = " ".join(proc.cmdline()).split(" ")[0]
+        if title.startswith("VLLM::"):
+            replica = next(p for p in proc.parents() if "ServeReplica:" in " ".join(p.cmdline()))
+            model = " ".join(replica.cmdline()).split()[0].rsplit(":", 1)[-1]
+            found.setdefault(model, {})[title.removeprefix("VLLM::")] = proc
+    return found
+
+
+def thread_cores(proc: psutil.Process) -> set[tuple[int, ...]]:
+    return {tuple(sorted(os.sched_getaffinity(t.id))) for t in proc.threads()}
+
+
+def test_each_engine_core_computes_on_its_workers_first_core(request):
+    if os.environ.get("APP_URL"):
+        pytest.skip("reads the processes of the app the tests started")
+    engines = engine_processes(request.getfixturevalue("cpu_app"))
+    assert set(engines) == {"tiny-chat", "all-MiniLM-L6-v2"}, engines
+    cores = sorted(os.sched_getaffinity(0))
+    for model, procs in engines.items():
+        worker = sorted(os.sched_getaffinity(procs["Worker"].pid))  # its main thread: OpenMP's thread 0
+        assert thread_cores(procs["EngineCore"]) == {(worker[0],)}, (model, worker)
+    if len(cores) >= 2:  # one core reserved for the rest (vLLM's API server, router, HAProxy, Ray), as vllm serve does
+        assert os.sched_getaffinity(engines["tiny-chat"]["Worker"].pid) == set(cores[:-1])
+    assert engines["all-MiniLM-L6-v2"]["EngineCore"].nice() == 10 and engines["tiny-chat"]["EngineCore"].nice() == 0
