@@ -135,8 +135,8 @@ class CPUOptions(Strict):
     With `omp_threads_bind: auto` (the default) the replica picks its engine's cores when it starts, from the cores
     it really has (its CPU affinity, capped by the node's cgroup CPU quota), never from Ray's `num_cpus` (Ray sets
     OMP_NUM_THREADS=1 for a fractional `num_cpus`): `threads` cores for vLLM's worker, handed to vLLM as an explicit
-    core list (VLLM_CPU_OMP_THREADS_BIND), `reserved_cpus` left to the replica's server (vLLM's engine core computes
-    on the worker's first core, taking turns with it: `app.engine_core_cpu`).
+    core list (VLLM_CPU_OMP_THREADS_BIND), `reserved_cpus` left to vLLM's engine core and the replica's server
+    (`engine_core: with_worker` puts the engine core on the worker's first core instead).
     Several engines on one node (`app.cpu`'s claim table, one per node): `share: own` takes cores no other engine
     computes on while there are any (the reserved ones last), so two engines on a laptop get disjoint cores;
     `share: shared` computes on the first cores of its set whoever else does, best with a `nice` above 0 so that the
@@ -144,17 +144,17 @@ class CPUOptions(Strict):
 
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE: KV cache size in GiB.")
     omp_threads_bind: str = Field(
-        "auto", description="'auto': the app picks the cores (threads, reserved_cpus, share) and puts vLLM's engine "
-        "core on the worker's first core; 'nobind' or a core list such as '0-3' goes to vLLM's "
-        "VLLM_CPU_OMP_THREADS_BIND unchanged (the engine core then runs where vLLM leaves it).",
+        "auto", description="'auto': the app picks the cores (threads, reserved_cpus, share, engine_core); 'nobind' or "
+        "a core list such as '0-3' goes to vLLM's VLLM_CPU_OMP_THREADS_BIND unchanged.",
     )
     threads: int | None = Field(
         None, ge=1, description="Cores (OpenMP threads) of vLLM's worker; default: the replica's cores minus "
         "reserved_cpus.",
     )
     reserved_cpus: int | None = Field(
-        None, ge=0, description="Cores kept free of the worker's threads for the replica's server, the router and "
-        "Ray; default: 1 where the replica has 2 or more cores (vLLM's own rule), else 0.",
+        None, ge=0, description="Cores kept free of the worker's threads for vLLM's engine core (unless with_worker), "
+        "the replica's server, the router and Ray; default: 1 where the replica has 2 or more cores (vLLM's own "
+        "rule), else 0.",
     )
     share: Literal["own", "shared"] = Field(
         "own", description="own: cores no other engine on the node computes on, while there are any. shared: the "
@@ -164,12 +164,18 @@ class CPUOptions(Strict):
         0, ge=0, le=19, description="OS niceness of the engine's processes (the replica, vLLM's engine core and "
         "worker): above 0 they yield their cores to engines at 0.",
     )
+    engine_core: Literal["free", "with_worker"] = Field(
+        "free", description="free: vLLM's engine core runs on any core of the replica, as vLLM leaves it. with_worker: "
+        "on the worker's first core, where the two take turns busy-waiting for each other (`app.engine_core_cpu`): "
+        "fastest where the engine has its cores to itself (the embedded default on 2 cores); not measured with "
+        "several busy engines on one core.",
+    )
     max_num_seqs: int | None = Field(None, ge=1, description="Batch limit (sequences per engine step).")
 
     @model_validator(mode="after")
     def _app_rules_need_auto(self) -> "CPUOptions":
-        chosen = (("threads", self.threads), ("share", self.share))
-        picked = [name for name, value in chosen if value not in (None, "own")]
+        chosen = (("threads", self.threads), ("share", self.share), ("engine_core", self.engine_core))
+        picked = [name for name, value in chosen if value not in (None, "own", "free")]
         if self.omp_threads_bind != "auto" and picked:
             raise ValueError(f"{sorted(picked)} need omp_threads_bind 'auto' (a core list or 'nobind' is passed to "
                              "vLLM as it is)")

@@ -6,8 +6,8 @@ engine's cores when it starts (`engine_cores`): from the cores it really has (CP
 quota), never from Ray's `num_cpus` (Ray sets OMP_NUM_THREADS=1 for a fractional `num_cpus`, and vLLM's own
 auto-bind puts every engine of a node on the same cores, vLLM #43240). Engines of one node share a claim table (a
 file under the node's temp folder, locked while read and written) so that each takes cores no other engine
-computes on while there are any; each engine core computes on its worker's first core
-(`app.engine_core_cpu`). Replicas scale on their own (`deployment.num_replicas` / `autoscaling_config`) and
+computes on while there are any; with `engine_core: with_worker` the engine core computes on its worker's first
+core (`app.engine_core_cpu`). Replicas scale on their own (`deployment.num_replicas` / `autoscaling_config`) and
 can be pinned to CPU-image nodes with a custom resource (`deployment.resources`).
 """
 
@@ -57,9 +57,11 @@ class CPUEngineServer(EngineServer):
         available = available_cores()
         cores = claim_cores(options, available)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_list(cores)
-        os.environ[CORE_ENV] = str(cores[0])  # the engine core takes turns with the worker there (app.engine_core_cpu)
-        logger.info("model %s: vLLM's worker computes on cores %s, its engine core on %d (of %s; share %s, nice %d)",
-                    self.spec.name, core_list(cores), cores[0], core_list(available), options.share, options.nice)
+        if options.engine_core == "with_worker":  # the two take turns there (app.engine_core_cpu)
+            os.environ[CORE_ENV] = str(cores[0])
+        logger.info("model %s: vLLM's worker computes on cores %s, its engine core %s (of %s; share %s, nice %d)",
+                    self.spec.name, core_list(cores), f"on {cores[0]}" if options.engine_core == "with_worker"
+                    else "anywhere", core_list(available), options.share, options.nice)
 
 
 def cpu_environment(spec: ModelSpec) -> dict[str, str]:

@@ -34,6 +34,9 @@ def test_a_shared_engine_computes_on_the_first_cores_whoever_owns_them():
 def test_threads_and_share_need_the_apps_auto_binding():
     with pytest.raises(ValueError, match="omp_threads_bind 'auto'"):
         CPUOptions(omp_threads_bind="0-3", threads=2)
+    with pytest.raises(ValueError, match=r"\['engine_core'\] need omp_threads_bind 'auto'"):
+        CPUOptions(omp_threads_bind="nobind", engine_core="with_worker")
+    assert CPUOptions().engine_core == "free"  # vLLM's own placement unless a config asks
     assert CPUOptions(omp_threads_bind="nobind", nice=5).nice == 5
 
 
