@@ -8,8 +8,8 @@ measured inside the engine. On the worker's first core (where the worker's main 
 the two take turns, each waiting while the other works: median TTFT 44–64 ms, and more tokens per second.
 
 A `vllm.general_plugins` entry point, active in the engine core process (vLLM names it `EngineCore`) where the replica
-names the core in `LLM_APP_ENGINE_CORE_CPU` (`app.cpu`, for `cpu: {engine_core: with_worker}`). The worker, forked from the engine core, takes its own cores
-(`app.worker_fork`).
+names the core in `LLM_APP_ENGINE_CORE_CPU` (`app.cpu`, for `cpu: {engine_core: with_worker}`). The worker, forked
+from the engine core, takes its own cores (`app.worker_fork`).
 """
 
 from __future__ import annotations

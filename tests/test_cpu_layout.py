@@ -10,18 +10,19 @@ import os
 import psutil
 import pytest
 
+from launch import process_role
+
 pytestmark = pytest.mark.integration
 
 
 def engine_processes(app) -> dict[str, dict[str, psutil.Process]]:
     """{model: {"EngineCore": process, "Worker": process}} of the app's vLLM processes, by the replica above them."""
+    root, *procs = app.processes()
     found: dict[str, dict[str, psutil.Process]] = {}
-    for proc in app.processes():
-        title = " ".join(proc.cmdline()).split(" ")[0]
-        if title.startswith("VLLM::"):
-            replica = next(p for p in proc.parents() if "ServeReplica:" in " ".join(p.cmdline()))
-            model = " ".join(replica.cmdline()).split()[0].rsplit(":", 1)[-1]
-            found.setdefault(model, {})[title.removeprefix("VLLM::")] = proc
+    for proc in procs:
+        if " ".join(proc.cmdline()).startswith("VLLM::"):
+            model, _, title = process_role(proc, root).rpartition(" ")  # "tiny-chat EngineCore"
+            found.setdefault(model, {})[title] = proc
     return found
 
 
