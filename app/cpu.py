@@ -57,11 +57,12 @@ class CPUEngineServer(EngineServer):
         available = available_cores()
         cores = claim_cores(options, available)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_list(cores)
+        engine_core = "anywhere"
         if options.engine_core == "with_worker":  # the two take turns there (app.engine_core_cpu)
             os.environ[CORE_ENV] = str(cores[0])
+            engine_core = f"on {cores[0]}"
         logger.info("model %s: vLLM's worker computes on cores %s, its engine core %s (of %s; share %s, nice %d)",
-                    self.spec.name, core_list(cores), f"on {cores[0]}" if options.engine_core == "with_worker"
-                    else "anywhere", core_list(available), options.share, options.nice)
+                    self.spec.name, core_list(cores), engine_core, core_list(available), options.share, options.nice)
 
 
 def cpu_environment(spec: ModelSpec) -> dict[str, str]:

