@@ -165,10 +165,10 @@ def kill_trees(roots) -> None:
 # Integration groups in the order xdist hands them out (`make test TEST_WORKERS=N`, loadgroup: each group runs whole
 # in one worker). xdist gives a worker its next group as soon as it has at most 2 tests left, so a one-test group
 # brings the next one along when it starts: the order below balances the two workers under that rule, simulated over
-# the groups' measured times on 2 cores (the two-node test ~380 s, two_replicas ~350, rolling updates ~180,
-# control plane ~170, spillover ~140, start-up failure ~125, reliability ~90, the shared app ~80, GPU placement
-# ~35): about 755 / 805 s against 815 / 740 s for the longest-first order. The session's shared app stays near the
-# end, so that it does not idle beside the other groups' apps.
+# the groups' measured times on 2 cores (about 755 / 805 s against 815 / 740 s for the longest-first order). Measured
+# at 43b6248: 15.7, 16.2, 15.9 and 14.0 min with set-up (longest-first before it: 15.0, 15.4, 16.2). The suite is
+# CPU-bound, so the order mostly moves the idle tail; what a group costs depends on what runs beside it. The
+# session's shared app stays near the end, so that it does not idle beside the other groups' apps.
 GROUP_ORDER = ["test_cpu_ray_platform", "test_control_plane", "test_spillover", "two_replicas", "test_rolling_update",
                "test_startup_failure", "test_reliability", "cpu_app", "test_gpu_placement"]
 
