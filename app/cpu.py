@@ -29,6 +29,7 @@ import psutil
 from app.config import CPUOptions, ModelSpec
 from app.engine import EngineServer
 from app.engine_core_cpu import CORE_ENV
+from app.shm_spin import SPIN_ENV
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,6 +73,7 @@ def cpu_environment(spec: ModelSpec) -> dict[str, str]:
         # vLLM 0.32's CPU build with torch 2.13 cannot load its AOT compile cache ("'function' object has no
         # attribute 'finalize_loading'") and compiles again at every start; the plain compile cache loads (-5 s).
         "VLLM_USE_AOT_COMPILE": "0",
+        SPIN_ENV: str(spec.cpu.idle_spin_s),  # app.shm_spin
     }
     if spec.cpu.reserved_cpus is not None:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(spec.cpu.reserved_cpus)

@@ -322,6 +322,7 @@ def test_cpu_engine():
         "VLLM_CPU_KVCACHE_SPACE": "3",
         "VLLM_CPU_OMP_THREADS_BIND": "0-3",
         "VLLM_USE_AOT_COMPILE": "0",
+        "LLM_APP_SHM_SPIN_S": "0.1",
         "HF_HUB_OFFLINE": "1",
     }
     assert all(isinstance(v, str) for v in actor["runtime_env"]["env_vars"].values())
