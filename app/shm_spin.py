@@ -19,19 +19,19 @@ SPIN_ENV = "LLM_APP_SHM_SPIN_S"
 
 
 def install() -> None:
-    value = os.environ.get(SPIN_ENV)
-    if not value:
+    if not os.environ.get(SPIN_ENV):
         return
     from vllm.distributed.device_communicators import shm_broadcast
 
     original = shm_broadcast.SpinCondition.__init__
-    if getattr(original, "spin_s", None) is not None:
+    if hasattr(original, "spin_s"):  # installed already in this process
         return
+    spin_s = float(os.environ[SPIN_ENV])
 
     def __init__(self, *args, **kwargs):
         if len(args) < 4:  # busy_loop_s not given by position
-            kwargs.setdefault("busy_loop_s", float(value))
+            kwargs.setdefault("busy_loop_s", spin_s)
         original(self, *args, **kwargs)
 
-    __init__.spin_s = float(value)
+    __init__.spin_s = spin_s
     shm_broadcast.SpinCondition.__init__ = __init__
