@@ -191,7 +191,8 @@ def process_role(proc: psutil.Process, root: psutil.Process) -> str:
     return "server" if proc.pid == root.pid else "ray (raylet, gcs, agents, workers)"
 
 
-# What `make serve` sets: workers at normal priority (Ray's default nice 15 starves vLLM's engine processes),
+# What `make serve` sets (also the Makefile, checked by tests/test_launch.py; the KubeRay manifests take it from
+# here): workers at normal priority (Ray's default nice 15 starves vLLM's engine processes),
 # Ray Serve's HAProxy with direct ingress (no Ray message per response chunk), HAProxy dying with Ray, and Serve's
 # control loop at 1 Hz instead of 10 (idle controller CPU 2.6% -> 0.9% here; replica changes reach the routers
 # by the controller's push either way), and one HAProxy thread instead of Serve's 4 (2 cores: 28-30 instead of

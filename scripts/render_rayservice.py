@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))  # `app` is this repository's package, whether or 
 
 from app.config import AppConfig, DeploymentOptions, ModelSpec
 from app.layout import Layout, LayoutError, Topology, plan_layout
+from launch import SERVE_ENV as LOCAL_SERVE_ENV
 
 RAY_VERSION = "2.60.0"
 IMPORT_PATH = "app.builder:build_app"
@@ -285,14 +286,11 @@ def container(name: str, image: str, size: PodSize, ports: dict[str, int], model
     return spec
 
 
-# Ray Serve's HAProxy mode on every pod (the controller reads it on the head, replicas on the workers): HAProxy
-# on :8000 hands each connection to a router replica's own HTTP server, engines answer from theirs, and no Ray
-# message carries response bytes. Replicas listen on all interfaces so that HAProxy reaches those on other pods.
-# Serve's control loop at 1 Hz (the head's controller): idle controller CPU 2.6% -> 0.9% (10 Hz is Serve's default).
-# One HAProxy thread per pod instead of Serve's 4 (2 cores: 28-30 instead of 48-55 CPU-us per streamed token in
-# HAProxy; the Python routers saturate long before one HAProxy thread).
-SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0",
-             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
+# `make serve`'s Ray and Serve settings (scripts/launch.py says why each) on every pod: the controller reads them on
+# the head, replicas and raylets on the workers. Replicas listen on all interfaces so that HAProxy reaches those on
+# other pods. The image sets HAProxy's binary itself (docker/Dockerfile).
+SERVE_ENV = {**{k: v for k, v in LOCAL_SERVE_ENV.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"},
+             "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0"}
 
 
 def serve_env() -> list[dict[str, Any]]:

