@@ -197,13 +197,15 @@ def process_role(proc: psutil.Process, root: psutil.Process) -> str:
 # control loop at 1 Hz instead of 10 (idle controller CPU 2.6% -> 0.9% here; replica changes reach the routers
 # by the controller's push either way), and one HAProxy thread instead of Serve's 4 (2 cores: 28-30 instead of
 # 48-55 CPU-us per streamed token in HAProxy).
-SERVE_ENV = {
+# RAY_SETTINGS hold wherever Ray runs the app; the HAProxy binary is this venv's (images set their own).
+RAY_SETTINGS = {
     "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-    "RAY_SERVE_HAPROXY_BINARY_PATH": str(pathlib.Path(os.sys.executable).parent / "haproxy-with-parent"),
 }
+SERVE_ENV = {**RAY_SETTINGS,
+             "RAY_SERVE_HAPROXY_BINARY_PATH": str(pathlib.Path(os.sys.executable).parent / "haproxy-with-parent")}
 
 
 def haproxy_ports() -> dict[str, str]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))  # `app` is this repository's package, whether or 
 
 from app.config import AppConfig, DeploymentOptions, ModelSpec
 from app.layout import Layout, LayoutError, Topology, plan_layout
-from launch import SERVE_ENV as LOCAL_SERVE_ENV
+from launch import RAY_SETTINGS
 
 RAY_VERSION = "2.60.0"
 IMPORT_PATH = "app.builder:build_app"
@@ -289,8 +289,7 @@ def container(name: str, image: str, size: PodSize, ports: dict[str, int], model
 # `make serve`'s Ray and Serve settings (scripts/launch.py says why each) on every pod: the controller reads them on
 # the head, replicas and raylets on the workers. Replicas listen on all interfaces so that HAProxy reaches those on
 # other pods. The image sets HAProxy's binary itself (docker/Dockerfile).
-SERVE_ENV = {**{k: v for k, v in LOCAL_SERVE_ENV.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"},
-             "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0"}
+SERVE_ENV = {**RAY_SETTINGS, "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0"}
 
 
 def serve_env() -> list[dict[str, Any]]:

@@ -401,7 +401,7 @@ def test_every_pod_runs_ray_and_serve_as_make_serve_does(file):
     manifest = load(file)
     cluster = manifest["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    local = {k: v for k, v in import_script("launch").SERVE_ENV.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"}
+    local = import_script("launch").RAY_SETTINGS
     assert local["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and local["RAY_worker_niceness"] == "0"
     for group in groups:
         env = {e["name"]: e.get("value") for e in ray_container(group)["env"]}

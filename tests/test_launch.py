@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from launch import (PORT_RANGE, RAY_START_TIMED_OUT, ROOT, SERVE_ENV, Server, again_once_if_ray_timed_out, free_port,
+from launch import (PORT_RANGE, RAY_SETTINGS, RAY_START_TIMED_OUT, ROOT, Server, again_once_if_ray_timed_out, free_port,
                     of_run, process_role)
 
 
@@ -164,4 +164,4 @@ def test_tests_and_benchmarks_run_the_app_with_make_serves_settings():
     line = next(line for line in makefile.splitlines() if line.startswith("SERVE_ENV ="))
     make_env = dict(pair.split("=", 1) for pair in line.removeprefix("SERVE_ENV =").split())
     assert make_env.pop("RAY_SERVE_HAPROXY_BINARY_PATH") == "$(CURDIR)/.venv/bin/haproxy-with-parent"
-    assert make_env == {k: v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"}
+    assert make_env == RAY_SETTINGS
