@@ -74,7 +74,7 @@ def test_seed_makes_sampling_repeatable(client):
 
 def test_stop_string_ends_generation(client):
     free = client.completions.create(model=CHAT, prompt="a b c", max_tokens=24, temperature=0).choices[0].text
-    stop = free.strip()[:2]
+    stop = free.strip()[:2] or free[:2]  # the random model's greedy text is now and then all whitespace
     assert stop, "the model produced nothing to stop on"
     r = client.completions.create(model=CHAT, prompt="a b c", max_tokens=24, temperature=0, stop=[stop])
     assert stop not in r.choices[0].text and r.choices[0].finish_reason == "stop"
