@@ -33,7 +33,7 @@
 #            texts compared, client failures and the app's migration counter (scripts/device/migrate_streams.py); then
 #            the killed replica's replacement and the streams once more, if the call has time left
 # Usage: bash scripts/device/run_checks.sh [install] [app] [vllm] [single] [tp2vllm] [tp2app] [pp2vllm] [pp2app]
-#        [pp2fail] [tp2c] [tp2capp] [migrate1] (default: app vllm)
+#        [pp2fail] [tp2c] [tp2capp] [migrate1] [app2] [vllm2] (default: app vllm)
 # Results and logs land in /tmp/results/<phase>/ and, packed, in $OUT (what the device tool brings back).
 # Each server start takes about 3 minutes (torch.compile + CUDA graphs).
 set -uo pipefail
@@ -594,21 +594,21 @@ phase_migrate1() {  # two replicas on the one GPU; greedy streams, one replica S
   return $rc
 }
 
-phase_vllm() {
-  local d=$RES/vllm rc=0; mkdir -p "$d"
+phase_vllm() {  # [label]: a second label (vllm2) for an interleaved A/B on one machine
+  local label=${1:-vllm} d rc=0; d=$RES/$label; mkdir -p "$d"
   stop_gpu_leftovers; stop_haproxy_leftovers  # an earlier app phase's HAProxy would hold port 8000
   if start_vllm "$d" "$PORT" vllm_serve; then
     python3 scripts/device/chat_check.py --base-url "http://127.0.0.1:$PORT/v1" --model "$NAME" \
       > "$d/chat_check.json" 2>&1 || { rc=1; log "chat check failed"; }
-    bench vllm 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
-    bench vllm 1 "$BENCH1_PROMPTS" 2 "$d" || rc=1
+    bench "$label" 64 "$BENCH_PROMPTS" 64 "$d" || rc=1
+    bench "$label" 1 "$BENCH1_PROMPTS" 2 "$d" || rc=1
   else
     rc=1
   fi
   log "stopping vllm"
   stop_vllm
   stop_gpu_leftovers
-  pack vllm "$d"
+  pack "$label" "$d"
   return $rc
 }
 
@@ -623,6 +623,7 @@ for p in "${phases[@]}"; do
     app2) phase_app app2 ;;  # a second app / appnomig pair, for an interleaved A/B on one machine
     appnomig2) phase_app appnomig2 scripts/device/serve-nomig.yaml ;;
     vllm) phase_vllm ;;
+    vllm2) phase_vllm vllm2 ;;
     single) phase_single ;;
     tp2vllm) phase_tp2vllm ;;
     tp2app) phase_tp2app ;;
