@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import running_by_replica
+from conftest import running_by_replica, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -170,10 +170,12 @@ def test_with_every_replica_killed_requests_end_with_one_clean_error_and_no_engi
             return await plain, events, lines
 
     for _ in range(3):  # an engine that finished before the kills landed gave a whole answer: again
-        two_replicas(app)
+        # Not waiting for the replacement of the replica the test before killed (a minute of both cores): every
+        # replica there is dies, the one serving and any still starting.
+        wait_for(lambda: running_by_replica(app.url, MODEL), 300, "a running replica")
         engines = [c for pid in replica_pids(app) for c in psutil.Process(pid).children(recursive=True)
                    if c.name().startswith("VLLM::")]
-        assert len(engines) >= 4, engines  # each replica's engine core and worker
+        assert len(engines) >= 2, engines  # the running replica's engine core and worker
         started = time.monotonic()
         plain, events, lines = asyncio.run(kill_all())
         print(f"stream over after {time.monotonic() - started:.1f} s")
