@@ -49,10 +49,8 @@ def hand_overs(app) -> str:
 
 def two_replicas(app) -> None:
     """Waits until both replicas run and the routers know them (a killed one is replaced by Serve)."""
-    deadline = time.monotonic() + 300
-    while len(running_by_replica(app.url, MODEL)) < 2 or len(replica_pids(app)) != 2:
-        assert time.monotonic() < deadline, "no second replica after 300 s"
-        time.sleep(1)
+    wait_for(lambda: len(running_by_replica(app.url, MODEL)) >= 2 and len(replica_pids(app)) == 2, 300,
+             "a second replica")
 
 
 def stream_answer(events: list[dict]) -> tuple[str, list[str], dict]:
